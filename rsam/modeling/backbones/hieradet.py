@@ -1,0 +1,358 @@
+"""Hiera trunk (Ryali et al. 2023, "Hiera"; Bolya et al. 2023, "Window attention is bugged") as used by SAM 2.
+
+A plain, hierarchical ViT without convolutions after the patch embedding:
+
+* patch embedding: Conv2d(3, C0, kernel 7, stride 4, padding 3), channels-last afterwards;
+* absolute position: a background embedding bicubic-resized to the grid plus a window embedding tiled
+  over it ("windowed absolute" position embedding);
+* 4 stages; the first block of stages 2..4 doubles the width and the heads and halves the resolution by
+  max-pooling its queries ("q-pooling") and its shortcut;
+* attention inside non-overlapping windows (padded when the map does not divide), except for a few
+  global blocks.
+
+The trunk returns the output of the last block of every stage, NCHW, finest first.
+State-dict names equal SAM 2.1's ``image_encoder.trunk.*`` names.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Hiera", "HIERA_PRESETS", "hiera_from_preset", "MultiScaleBlock", "MultiScaleAttention", "hiera_channel_list"]
+
+
+# Published SAM 2.1 trunk hyper-parameters (sam2.1_hiera_{t,s,b+,l}.yaml + the class defaults they rely on).
+# `backbone_channel_list` is what the FPN neck needs: stage widths, coarsest first.
+HIERA_PRESETS: dict[str, dict] = {
+    "hiera_t": dict(
+        embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
+        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 14, 7),
+        backbone_channel_list=(768, 384, 192, 96),
+    ),
+    "hiera_s": dict(
+        embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
+        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 14, 7),
+        backbone_channel_list=(768, 384, 192, 96),
+    ),
+    "hiera_b+": dict(
+        embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), global_att_blocks=(12, 16, 20),
+        window_pos_embed_bkg_spatial_size=(14, 14), window_spec=(8, 4, 14, 7),
+        backbone_channel_list=(896, 448, 224, 112),
+    ),
+    "hiera_l": dict(
+        embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
+        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 16, 8),
+        backbone_channel_list=(1152, 576, 288, 144),
+    ),
+}
+
+
+def hiera_from_preset(name: str, **overrides) -> "Hiera":
+    """``Hiera(**HIERA_PRESETS[name], **overrides)``; the preset's ``backbone_channel_list`` is for the neck."""
+    if name not in HIERA_PRESETS:
+        raise KeyError(f"unknown Hiera preset {name!r}; available: {sorted(HIERA_PRESETS)}")
+    kwargs = {k: v for k, v in HIERA_PRESETS[name].items() if k != "backbone_channel_list"}
+    return Hiera(**{**kwargs, **overrides})
+
+
+def hiera_channel_list(embed_dim: int, num_stages: int = 4, dim_mul: float = 2.0) -> list[int]:
+    """Stage widths coarsest first, e.g. 112 -> [896, 448, 224, 112] (the FPN's backbone_channel_list)."""
+    dims = [embed_dim]
+    for _ in range(num_stages - 1):
+        dims.append(int(dims[-1] * dim_mul))
+    return dims[::-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# small building blocks
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (training only)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep  # rescale so the expectation matches eval
+
+
+class Mlp(nn.Module):
+    """Two Linear layers with GELU in between; parameters under ``layers.{0,1}`` (SAM 2 names)."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, out_dim)])
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.act(self.layers[0](x)))
+
+
+class PatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, H/4, W/4, C) with an overlapping 7x7 / stride-4 convolution."""
+
+    def __init__(self, embed_dim: int, in_chans: int = 3, kernel_size: int = 7, stride: int = 4,
+                 padding: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def pool_channels_last(x: torch.Tensor, pool: Optional[nn.Module]) -> torch.Tensor:
+    """Apply an NCHW pooling module to a (B, H, W, C) tensor."""
+    if pool is None:
+        return x
+    return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W up to multiples of ``window``.
+
+    Returns the windows and the padded size (Hp, Wp). The padded tokens are *not* masked in attention;
+    SAM 2 attends to them too (their keys are the qkv bias), and the pretrained weights expect that.
+    """
+    b, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window, window, C) -> (B, H, W, C), padding cropped."""
+    hp, wp = padded_hw
+    h, w = hw
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.reshape(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :].contiguous() if (hp > h or wp > w) else x
+
+
+# --------------------------------------------------------------------------------------------------------
+# attention and blocks
+
+
+class MultiScaleAttention(nn.Module):
+    """Multi-head self-attention whose queries may be max-pooled (keys/values keep full resolution).
+
+    Input (B, H, W, dim) -> output (B, H', W', dim_out), with (H', W') = (H, W) / q_stride when pooling.
+    """
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        if dim_out % num_heads != 0:
+            raise ValueError(f"MultiScaleAttention: dim_out={dim_out} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q_pool = q_pool
+        self.qkv = nn.Linear(dim, dim_out * 3)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        # (B, HW, 3, heads, head_dim) -> three (B, HW, heads, head_dim)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).unbind(2)
+        if self.q_pool is not None:
+            q = pool_channels_last(q.reshape(b, h, w, -1), self.q_pool)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, self.num_heads, -1)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x.transpose(1, 2).reshape(b, h, w, -1)
+        return self.proj(x)
+
+
+class MultiScaleBlock(nn.Module):
+    """Pre-norm transformer block on a channels-last map, optionally a stage transition.
+
+    Transition blocks (``q_stride`` set) change the width dim -> dim_out and pool the queries. Their
+    shortcut is ``proj`` (a Linear) of the *normed* input, pooled the same way, so the residual matches.
+    Windowed attention partitions with ``window_size``; after q-pooling each window has shrunk by the
+    stride, so it is un-partitioned with ``window_size // q_stride``. ``window_size == 0`` means global.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        q_stride: Optional[tuple[int, int]] = None,
+        window_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dim, self.dim_out = dim, dim_out
+        self.window_size = window_size
+        self.q_stride = tuple(q_stride) if q_stride is not None else None
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.pool = (nn.MaxPool2d(kernel_size=self.q_stride, stride=self.q_stride)
+                     if self.q_stride is not None else None)
+        self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_pool=self.pool)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out)
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, dim) -> (B, H', W', dim_out)."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.dim != self.dim_out:
+            shortcut = self.proj(x)
+        if self.pool is not None:
+            shortcut = pool_channels_last(shortcut, self.pool)
+
+        window = self.window_size
+        if window > 0:
+            x, padded_hw = window_partition(x, window)
+        x = self.attn(x)
+        if window > 0:
+            if self.q_stride is not None:
+                window = window // self.q_stride[0]
+            h, w = shortcut.shape[1:3]
+            padded_hw = (h + (-h) % window, w + (-w) % window)
+            x = window_unpartition(x, window, padded_hw, (h, w))
+
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the trunk
+
+
+class Hiera(nn.Module):
+    """Hiera trunk. ``forward((B, 3, H, W)) -> [stride-4, stride-8, stride-16, stride-32]`` NCHW maps.
+
+    H and W must be multiples of 32: the window position embedding is tiled over the stride-4 grid in
+    ``window_spec[0]``-sized tiles, and three q-pooling steps halve the grid. Defaults are SAM 2.1 B+.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 112,
+        num_heads: int = 2,
+        drop_path_rate: float = 0.0,
+        q_pool: int = 3,
+        q_stride: Sequence[int] = (2, 2),
+        stages: Sequence[int] = (2, 3, 16, 3),
+        dim_mul: float = 2.0,
+        head_mul: float = 2.0,
+        window_pos_embed_bkg_spatial_size: Sequence[int] = (14, 14),
+        window_spec: Sequence[int] = (8, 4, 14, 7),
+        global_att_blocks: Sequence[int] = (12, 16, 20),
+        mlp_ratio: float = 4.0,
+        return_interm_layers: bool = True,
+    ) -> None:
+        super().__init__()
+        stages, window_spec = tuple(stages), tuple(window_spec)
+        if len(stages) != len(window_spec):
+            raise ValueError(f"Hiera: stages {stages} and window_spec {window_spec} must have the same length")
+        if not 0 <= q_pool <= len(stages) - 1:
+            raise ValueError(f"Hiera: q_pool={q_pool} must be in [0, {len(stages) - 1}]")
+        depth = sum(stages)
+        if any(not 0 <= i < depth for i in global_att_blocks):
+            raise ValueError(f"Hiera: global_att_blocks {tuple(global_att_blocks)} outside 0..{depth - 1}")
+        self.q_stride = tuple(q_stride)
+        self.window_spec = window_spec
+        self.return_interm_layers = return_interm_layers
+        # index of the last block of each stage, and the first block of stages 2.. that pools
+        self.stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
+        self.q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
+
+        self.patch_embed = PatchEmbed(embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
+        self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
+
+        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList()
+        dim, stage = embed_dim, 0
+        for i in range(depth):
+            dim_out = dim
+            # a transition block still partitions with the previous stage's window: it pools *inside* it
+            window = 0 if i in global_att_blocks else window_spec[stage]
+            if i - 1 in self.stage_ends:
+                dim_out = int(dim * dim_mul)
+                num_heads = int(num_heads * head_mul)
+                stage += 1
+            self.blocks.append(MultiScaleBlock(
+                dim, dim_out, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_rates[i],
+                q_stride=self.q_stride if i in self.q_pool_blocks else None, window_size=window,
+            ))
+            dim = dim_out
+
+        ends = self.stage_ends if return_interm_layers else self.stage_ends[-1:]
+        self.channel_list = [self.blocks[i].dim_out for i in ends[::-1]]  # coarsest first, as the FPN wants
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm-style: truncated normal for Linear and the embeddings. Any real use loads pretrained weights.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed_window, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input H and W must be multiples of this (patch stride 4 x window tile, and 4 x 2^(#pools))."""
+        pools = len(self.q_pool_blocks)
+        return max(4 * self.window_spec[0], 4 * self.q_stride[0] ** pools)
+
+    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        """Absolute position embedding for a (h, w) stride-4 grid -> (1, h, w, C)."""
+        pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
+        win = self.pos_embed_window
+        tiles = (hw[0] // win.shape[-2], hw[1] // win.shape[-1])
+        pos = pos + win.tile(1, 1, *tiles)
+        return pos.permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, 3, H, W) -> list of (B, C_i, H / s_i, W / s_i), s = 4, 8, 16, 32 (finest first)."""
+        if x.ndim != 4:
+            raise ValueError(f"Hiera expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        m = self.size_multiple
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ValueError(
+                f"Hiera: input size {tuple(x.shape[-2:])} is not a multiple of {m} "
+                f"(the position-embedding tiles and q-pooling need H and W divisible by {m})"
+            )
+        x = self.patch_embed(x)
+        x = x + self._pos_embed(tuple(x.shape[1:3]))
+        outputs = []
+        last = self.stage_ends[-1]
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == last or (self.return_interm_layers and i in self.stage_ends):
+                outputs.append(x.permute(0, 3, 1, 2))
+        return outputs
+
+    # layer-wise lr decay hooks (used by the optimiser's parameter groups)
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def get_layer_id(self, name: str) -> int:
+        """Depth of a parameter (full or trunk-relative name): embeddings 0, ``blocks.i`` i + 1, others last + 1."""
+        if "pos_embed" in name or "patch_embed" in name:
+            return 0
+        if "blocks." in name:
+            return int(name.split("blocks.", 1)[1].split(".", 1)[0]) + 1
+        return self.get_num_layers() + 1

@@ -1,0 +1,66 @@
+"""Small building blocks shared by the prompt encoder, the mask decoder and the two transformers."""
+from __future__ import annotations
+
+from typing import Type
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "LayerNorm2d"]
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ``activation`` between them (not after the last one).
+
+    The layers live in ``self.layers`` (a ModuleList) so that parameter names read ``layers.{i}.weight``,
+    the names used by SAM 2 and the official RSAM checkpoints. Used for the token MLPs of both
+    transformers and for the hyper-network, IoU and object-score heads of the mask decoder.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        activation: Type[nn.Module] = nn.ReLU,
+        sigmoid_output: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLP: num_layers must be >= 1, got {num_layers}")
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.act = activation()
+        self.sigmoid_output = sigmoid_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., input_dim) -> (..., output_dim)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = self.act(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of an NCHW map (ConvNeXt / detectron2 convention, eps 1e-6).
+
+    Written out instead of permuting to channels-last for ``nn.LayerNorm``: it keeps the map NCHW between
+    the transposed convolutions of the decoder's upscaling path.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
