@@ -3,10 +3,12 @@
 Environment switches:
   RSAM_BUILD_CUDA=0          never build the extension (default: build when a CUDA toolkit is found)
   RSAM_BUILD_ALLOW_ERRORS=0  a failed extension build fails the install (default 1: warn and go on)
+  CUDA_HOME                  CUDA toolkit root (default: found from nvcc on PATH or /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST       GPU architectures to compile for, e.g. "8.0;9.0" (A100, H100/H200);
-                             without a visible GPU torch's default list is used.
+                             default: the visible GPUs, or DEFAULT_CUDA_ARCHS when none is visible.
 """
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -35,26 +37,68 @@ EXTRAS = {
 }
 
 
+# Compiled when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (e.g. a build node): Turing,
+# Ampere (sm_80 code also runs on 8.6 / 8.7 / 8.9), Hopper, and compute_90 PTX that the driver
+# compiles for newer GPUs (Blackwell) on first use. The kernels are small: ~10 s per architecture.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None.
+
+    torch guesses the root as the parent of the folder holding ``nvcc``; that is wrong when the
+    ``nvcc`` on PATH is a wrapper script (e.g. /usr/local/bin/nvcc), so look for the headers.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def build_failed(message):
+    bar = "!" * 78
+    print(f"\n{bar}\nWARNING: the CUDA extension rsam._C is not built:\n  {message}\n"
+          "RSAM works without it; rsam.ops.connected_components falls back to the CPU.\n"
+          "Set RSAM_BUILD_ALLOW_ERRORS=0 to make this an error.\n"
+          f"{bar}\n", file=sys.stderr)
+
+
 def cuda_extensions():
+    """([rsam._C], {"build_ext": ...}) when the extension should be built, else ([], {})."""
     if not BUILD_CUDA:
         return [], {}
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        print("rsam._C not built: no CUDA toolkit found (set CUDA_HOME). "
+              "rsam.ops.connected_components will use its CPU fallback.", file=sys.stderr)
+        return [], {}
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except Exception as exc:  # torch not importable in an isolated build env
-        print(f"WARNING: rsam._C not built (cannot import torch.utils.cpp_extension: {exc})", file=sys.stderr)
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        ext = CUDAExtension(
+            "rsam._C",
+            ["rsam/csrc/ext.cpp", "rsam/csrc/connected_components.cu"],
+            extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
+        )
+    except Exception as exc:  # torch missing in an isolated build env, broken toolkit, ...
+        if not ALLOW_ERRORS:
+            raise
+        build_failed(exc)
         return [], {}
-    if CUDA_HOME is None:
-        print("WARNING: rsam._C not built: no CUDA toolkit found (set CUDA_HOME). "
-              "The CPU fallback of rsam.ops.connected_components will be used.", file=sys.stderr)
-        return [], {}
-    ext = CUDAExtension(
-        "rsam._C",
-        ["rsam/csrc/connected_components.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-    )
 
     class TolerantBuild(BuildExtension):
-        """Build the extension; with RSAM_BUILD_ALLOW_ERRORS=1 a failure is a loud warning, not an error."""
+        """Builds the extension; with RSAM_BUILD_ALLOW_ERRORS=1 a failure is a loud warning."""
 
         def build_extensions(self):
             try:
@@ -62,14 +106,8 @@ def cuda_extensions():
             except Exception as exc:
                 if not ALLOW_ERRORS:
                     raise
-                bar = "!" * 78
-                print(f"\n{bar}\nWARNING: building the CUDA extension rsam._C failed:\n  {exc}\n"
-                      "RSAM is installed without it; connected components run on the CPU fallback.\n"
-                      f"Set RSAM_BUILD_ALLOW_ERRORS=0 to make this an error.\n{bar}\n", file=sys.stderr)
+                build_failed(exc)
                 self.extensions = []
-
-        def get_ext_filename(self, ext_name):
-            return super().get_ext_filename(ext_name)
 
     return [ext], {"build_ext": TolerantBuild.with_options(no_python_abi_suffix=True)}
 
@@ -85,7 +123,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rsam", "rsam.*", "training", "training.*"]),
-    package_data={"rsam": ["csrc/*.cu"]},
+    package_data={"rsam": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["rsam-predict=rsam.tools.predict:main"]},
