@@ -1,10 +1,16 @@
 """The training/evaluation batch: B images and N >= B referring expressions."""
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass, fields
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
+
+from rsam.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 
 @dataclass
@@ -54,3 +60,153 @@ class Batch:
     def pin_memory(self) -> "Batch":
         # Called by DataLoader(pin_memory=True) on custom batch types.
         return self._map_tensors(lambda t: t.pin_memory())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-image samples and their collation into a Batch.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSample:
+    """What the dataset returns for one image: k expressions, the image's own records in annotation order, then
+    no-target expressions drawn from other images.
+
+      image           (3,R,R) uint8 (normalised by the collate) or float (already ImageNet-normalised)
+      masks           (k,R,R) bool (all-False rows for negatives)
+      descriptions    k expressions (raw text; tokenised in the collate)
+      categories      k category names (for a negative: the category of the object it was taken from)
+      annotation_ids  k indices into the image's annotation list; negatives drawn from other images use -1 - j
+      is_negative     k flags: no-target expression (drawn from another image, or an empty record of this one)
+      orig_size       (h, w) of the image file
+      epoch           training epoch it was drawn for (seeds the collate's subsampling)
+    """
+
+    name: str
+    image: torch.Tensor
+    masks: torch.Tensor
+    descriptions: List[str]
+    categories: List[str]
+    annotation_ids: List[int]
+    is_negative: List[bool]
+    orig_size: Tuple[int, int]
+    epoch: int = 0
+
+    @property
+    def num_expressions(self) -> int:
+        return len(self.descriptions)
+
+
+def cap_expressions(
+    counts: Sequence[int], max_total: Optional[int], rng: np.random.Generator
+) -> List[np.ndarray]:
+    """Indices of the expressions each image keeps so that the batch holds at most ``max_total``.
+
+    Every image keeps one random expression; the rest of the budget is a uniform random subset of the remaining
+    expressions (the official rule). If the batch has more images than ``max_total``, each keeps exactly one.
+    Kept indices are returned sorted, so expressions stay in annotation order.
+    """
+    counts = [int(c) for c in counts]
+    if max_total is None or sum(counts) <= max_total:
+        return [np.arange(c) for c in counts]
+    kept = [[int(rng.integers(c))] if c > 0 else [] for c in counts]
+    pool = [(i, j) for i, c in enumerate(counts) for j in range(c) if j != (kept[i][0] if kept[i] else -1)]
+    budget = max(max_total - sum(len(k) for k in kept), 0)
+    for p in rng.choice(len(pool), size=min(budget, len(pool)), replace=False):
+        i, j = pool[int(p)]
+        kept[i].append(j)
+    return [np.sort(np.asarray(k, dtype=np.int64)) for k in kept]
+
+
+class Collator:
+    """``DataLoader`` collate function: list of :class:`ImageSample` -> :class:`Batch`.
+
+    Args:
+        tokenizer: callable ``texts -> (input_ids, attention_mask)``, e.g. ``rsam.data.tokenizer.RSAMTokenizer``.
+        max_expressions_per_batch: cap on N (official: 24 for training, none for evaluation).
+        seed: seeds the subsampling together with the epoch and the image names, so a batch is reproducible
+            whichever worker collates it.
+
+        mean, std: normalisation applied to uint8 images (float images are taken as already normalised).
+
+    ``None`` samples (images skipped with ``skip_bad_samples``) are dropped; a batch with no sample left gives
+    ``None``. Inside a dataloader worker the image and mask tensors are written straight into shared memory
+    (as ``default_collate`` does), which saves the copy the worker would otherwise make to send them.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        max_expressions_per_batch: Optional[int] = None,
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if max_expressions_per_batch is not None and max_expressions_per_batch < 1:
+            raise ValueError(f"max_expressions_per_batch must be >= 1 or None, got {max_expressions_per_batch}")
+        self.tokenizer = tokenizer
+        self.max_expressions_per_batch = max_expressions_per_batch
+        self.seed = int(seed)
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, samples: Sequence[Optional[ImageSample]]) -> Optional[Batch]:
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return None
+        for s in samples:
+            if s.num_expressions == 0:
+                raise ValueError(f"image {s.name!r} reached the collate with no expression")
+        names = "\n".join(s.name for s in samples)
+        rng = np.random.default_rng([self.seed, samples[0].epoch, zlib.crc32(names.encode("utf-8"))])
+        keep = cap_expressions([s.num_expressions for s in samples], self.max_expressions_per_batch, rng)
+
+        masks, expr_to_image, texts, categories, sample_ids, negative = [], [], [], [], [], []
+        for i, (s, idx) in enumerate(zip(samples, keep)):
+            masks.append(s.masks if len(idx) == s.num_expressions else s.masks[torch.from_numpy(idx)])
+            expr_to_image.extend([i] * len(idx))
+            for j in idx.tolist():
+                texts.append(s.descriptions[j])
+                categories.append(s.categories[j])
+                sample_ids.append((s.name, int(s.annotation_ids[j])))
+                negative.append(bool(s.is_negative[j]))
+        input_ids, attention_mask = self.tokenizer(texts)
+        images = _empty((len(samples), *samples[0].image.shape), torch.float32)
+        for i, s in enumerate(samples):
+            if s.image.dtype == torch.uint8:
+                self.normalize(s.image, out=images[i])
+            else:
+                images[i] = s.image
+        masks_out = _empty((len(texts), *samples[0].masks.shape[1:]), torch.bool)
+        torch.cat([m.bool() for m in masks], out=masks_out)
+        return Batch(
+            images=images,
+            masks=masks_out,
+            expr_to_image=torch.tensor(expr_to_image, dtype=torch.long),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            is_negative=torch.tensor(negative, dtype=torch.bool),
+            orig_sizes=torch.tensor([list(s.orig_size) for s in samples], dtype=torch.long),
+            categories=categories,
+            sample_ids=sample_ids,
+        )
+
+
+def _empty(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty``, in shared memory when called inside a dataloader worker."""
+    if get_worker_info() is not None:
+        try:  # the mechanism torch's default_collate uses
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+            return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back to a plain tensor
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+def collate_fn(
+    samples: Sequence[Optional[ImageSample]],
+    tokenizer,
+    max_expressions_per_batch: Optional[int] = None,
+    seed: int = 0,
+) -> Optional[Batch]:
+    """Functional form of :class:`Collator`."""
+    return Collator(tokenizer, max_expressions_per_batch, seed)(samples)
