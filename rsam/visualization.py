@@ -1,0 +1,202 @@
+"""Pictures a person looks at: masks tinted over the image with captions, and TP / FP / FN error maps.
+
+Everything works on uint8 RGB arrays (H, W, 3) and bool masks (H, W) of the same size and returns a
+``PIL.Image`` (the picture plus a caption panel underneath), ready for ``.save("x.png")``. Only numpy and
+Pillow are used, so the functions run anywhere the predictor runs.
+"""
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["PALETTE", "ERROR_COLORS", "Caption", "draw_masks", "draw_errors", "mask_to_png"]
+
+Color = Tuple[int, int, int]
+
+# Saturated colours that stay distinguishable on typical aerial imagery (greens, greys, browns).
+PALETTE: Tuple[Color, ...] = (
+    (255, 48, 48),
+    (0, 160, 255),
+    (255, 214, 0),
+    (200, 80, 255),
+    (0, 230, 140),
+    (255, 128, 0),
+    (255, 80, 200),
+    (120, 255, 255),
+)
+MIN_WIDTH = 480  # pixels; smaller pictures are enlarged before the captions are drawn
+ERROR_COLORS = {"TP": (40, 220, 60), "FP": (255, 40, 40), "FN": (40, 120, 255)}
+
+
+@dataclass
+class Caption:
+    """One caption row: a colour swatch (None: no swatch), the text, and an optional dimmed detail."""
+
+    text: str
+    color: Optional[Color] = None
+    detail: str = ""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    # Pillow >= 10.1 ships a scalable default font when FreeType is available; older ones a fixed bitmap font.
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _check(image: np.ndarray, masks: Sequence[np.ndarray]) -> Tuple[int, int]:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        what = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"visualization: image must be a uint8 (H, W, 3) array, got {what}")
+    h, w = image.shape[:2]
+    for i, m in enumerate(masks):
+        if m.shape != (h, w):
+            raise ValueError(f"visualization: mask {i} has shape {m.shape}, the image is {(h, w)}")
+    return h, w
+
+
+def _boundary(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``thickness`` px of its border (bool (H, W))."""
+    inner = mask.copy()
+    for _ in range(max(1, thickness)):
+        # 4-neighbour erosion; pixels outside the image count as background, so masks touching the
+        # border get an outline there too
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        shrunk[0, :] = shrunk[-1, :] = False
+        shrunk[:, 0] = shrunk[:, -1] = False
+        inner = shrunk
+    return mask & ~inner
+
+
+def _tint(canvas: np.ndarray, mask: np.ndarray, color: Color, alpha: float) -> None:
+    """In place: blend ``color`` into ``canvas`` (float32 (H, W, 3)) where ``mask``."""
+    canvas[mask] = (1.0 - alpha) * canvas[mask] + alpha * np.asarray(color, dtype=np.float32)
+
+
+def _with_captions(picture: np.ndarray, rows: Sequence[Caption], title: str = "") -> Image.Image:
+    """The picture with a dark caption panel underneath: an optional title line, then one row per caption.
+
+    Pictures narrower than ``MIN_WIDTH`` are enlarged by an integer factor (nearest neighbour, so every
+    pixel stays a crisp square) to leave the captions room.
+    """
+    factor = -(-MIN_WIDTH // picture.shape[1])
+    if factor > 1:
+        picture = np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+    h, w = picture.shape[:2]
+    size = int(np.clip(round(w / 36), 12, 28))
+    font, small = _font(size), _font(max(10, int(size * 0.8)))
+    pad, swatch = size // 2, size
+    line_h = int(size * 1.35)
+    text_x = pad + swatch + pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    avg_char = max(probe.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26.0, 1.0)
+    width_chars = max(int((w - text_x - pad) / avg_char), 10)
+
+    lines: List[Tuple[Optional[Color], str, str]] = []  # (swatch colour on the first line, text, detail)
+    if title:
+        for part in textwrap.wrap(title, max(int((w - 2 * pad) / avg_char), 10)) or [""]:
+            lines.append((None, part, "title"))
+    for row in rows:
+        wrapped = textwrap.wrap(row.text, width_chars) or [""]
+        for j, part in enumerate(wrapped):
+            lines.append((row.color if j == 0 else None, part, ""))
+        if row.detail:
+            lines.append((None, row.detail, "detail"))
+    panel_h = pad + line_h * len(lines) + pad
+    out = Image.new("RGB", (w, h + panel_h), (24, 24, 28))
+    out.paste(Image.fromarray(picture), (0, 0))
+    draw = ImageDraw.Draw(out)
+    y = h + pad
+    for color, text, kind in lines:
+        if kind == "title":
+            draw.text((pad, y), text, fill=(235, 235, 235), font=font)
+        else:
+            if color is not None:
+                top = y + (line_h - swatch) // 2
+                draw.rectangle([pad, top, pad + swatch, top + swatch], fill=color, outline=(255, 255, 255))
+            fill = (170, 170, 175) if kind == "detail" else (245, 245, 245)
+            draw.text((text_x, y + (line_h - size) // 2), text, fill=fill, font=small if kind == "detail" else font)
+        y += line_h
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# public drawing functions
+
+
+def draw_masks(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    captions: Sequence[Caption],
+    alpha: float = 0.45,
+    title: str = "",
+) -> Image.Image:
+    """Masks tinted over the image, each outlined in its colour, with a caption row per entry.
+
+    Args:
+        image: uint8 (H, W, 3).
+        masks: bool (H, W) each; an empty mask draws nothing (e.g. a "no target" prediction).
+        captions: one per mask (its ``color`` is used for the tint; None picks from ``PALETTE``).
+        alpha: tint opacity inside the mask.
+        title: optional first caption line (e.g. the file name).
+    """
+    h, w = _check(image, masks)
+    if len(captions) != len(masks):
+        raise ValueError(f"draw_masks: {len(captions)} captions for {len(masks)} masks")
+    canvas = image.astype(np.float32)
+    thickness = max(1, round(min(h, w) / 300))
+    outlines = []
+    captions = [c if c.color is not None else Caption(c.text, PALETTE[i % len(PALETTE)], c.detail)
+                for i, c in enumerate(captions)]
+    for mask, cap in zip(masks, captions):
+        mask = np.asarray(mask, dtype=bool)
+        _tint(canvas, mask, cap.color, alpha)
+        outlines.append((_boundary(mask, thickness), cap.color))
+    for edge, color in outlines:  # outlines last, so an overlapping tint never hides a border
+        canvas[edge] = color
+    return _with_captions(canvas.round().astype(np.uint8), captions, title)
+
+
+def draw_errors(
+    image: np.ndarray,
+    pred: np.ndarray,
+    gt: np.ndarray,
+    text: str = "",
+    alpha: float = 0.55,
+    detail: str = "",
+) -> Image.Image:
+    """Colour-coded errors: true positives green, false positives red, false negatives blue.
+
+    Args:
+        image: uint8 (H, W, 3); pred, gt: bool (H, W).
+        text: the expression (first caption row); detail: e.g. "IoU 0.734 | object score 2.31".
+    """
+    _check(image, [pred, gt])
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    canvas = image.astype(np.float32)
+    tp, fp, fn = pred & gt, pred & ~gt, ~pred & gt
+    for name, mask in (("TP", tp), ("FP", fp), ("FN", fn)):
+        _tint(canvas, mask, ERROR_COLORS[name], alpha)
+    counts = f"TP {int(tp.sum())} px | FP {int(fp.sum())} px | FN {int(fn.sum())} px"
+    rows = [Caption(text, None, detail)] if text or detail else []
+    rows += [Caption("true positive", ERROR_COLORS["TP"]), Caption("false positive", ERROR_COLORS["FP"]),
+             Caption("false negative (missed)", ERROR_COLORS["FN"], counts)]
+    return _with_captions(canvas.round().astype(np.uint8), rows)
+
+
+def mask_to_png(mask: np.ndarray) -> Image.Image:
+    """bool (H, W) -> 8-bit grey PNG image, 255 = foreground (viewable and lossless)."""
+    return Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8))  # 2-D uint8 -> mode "L"

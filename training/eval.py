@@ -1,0 +1,343 @@
+"""Evaluate a checkpoint on a split: metrics table on stdout, metrics.json, optional masks and pictures.
+
+    python training/eval.py -c configs/rsam_b+_b.yaml --checkpoint rsam_logs/exp/checkpoints/best.pt --split test
+    python training/eval.py --checkpoint best.pt --num-gpus 4 --convention official --resolution original
+    torchrun --nproc-per-node 8 training/eval.py --checkpoint best.pt
+    python training/eval.py --checkpoint best.pt --num-gpus 0 --num-procs 2          # 2 CPU processes (gloo)
+    python training/eval.py --checkpoint best.pt --save-vis 16 --save-predictions preds/
+    python training/eval.py --rescore preds/                                         # no model, no GPU
+
+Config: ``-c`` composes a YAML with the trailing Hydra overrides (e.g. ``scratch.val_batch_size=16``); without
+``-c`` the config stored in the checkpoint is used, with the overrides applied to its resolved keys (e.g.
+``data.test.dataset.root=/data/RISORS``; ``scratch.*`` no longer feeds anything there). The model node must fit
+the weights; the data node ``data.<split>`` says what to read.
+
+Processes: under torchrun (RANK / WORLD_SIZE set) this process joins that group. Otherwise ``--num-gpus N``
+spawns N processes, one per GPU (``--num-gpus 1`` runs in this process); ``--num-gpus 0`` runs on the CPU,
+``--num-procs K`` with K CPU processes over gloo. Images are sharded without padding, so every expression is
+scored exactly once and 1 and k processes report the same numbers.
+
+Outputs (``--out``, default ``<checkpoint folder>/eval_<checkpoint>_<split>_<convention>_<resolution>``):
+``metrics.json`` (metrics + convention, resolution, split, timing); with ``--save-vis K`` the folder ``vis/``
+with K TP/FP/FN pictures and overlays. ``--save-predictions DIR`` writes one PNG mask per expression and
+``predictions.json`` (scores, expression, sample id); ``--rescore DIR`` recomputes the metrics from them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from typing import Any, Dict, Optional
+
+# `python training/eval.py` puts training/ (not the repo root) on sys.path.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+LOG = logging.getLogger("rsam.eval")
+
+
+class EvalError(Exception):
+    """A user-facing problem (bad path, config, checkpoint or data): printed as one message, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (ours, or official with -c)")
+    p.add_argument("--split", default="test", help="data.<split> section of the config (default: test)")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs (processes) on this node; 0 = CPU")
+    p.add_argument("--num-procs", type=int, default=None,
+                   help="processes to spawn (default: --num-gpus, 1 on the CPU); with --num-gpus 0: CPU processes")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (CPU runs)")
+    p.add_argument("--convention", choices=("official", "standard"), default=None,
+                   help="metric convention (default: trainer.metric_convention of the config, else official)")
+    p.add_argument("--resolution", choices=("network", "original"), default="network",
+                   help="score at the network resolution (official) or at each image's original size")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: data.<split>.batch_size)")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: data.<split>.num_workers)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast: auto = trainer.amp.enabled of the config on CUDA, off on the CPU")
+    p.add_argument("--save-vis", type=int, default=0, metavar="K", help="write K error pictures + overlays")
+    p.add_argument("--save-predictions", default=None, metavar="DIR", help="write PNG masks + predictions.json")
+    p.add_argument("--rescore", default=None, metavar="DIR", help="recompute metrics from --save-predictions DIR")
+    p.add_argument("--out", default=None, help="output folder for metrics.json and vis/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scratch.val_batch_size=16")
+    args = p.parse_args(argv)
+    if args.rescore is None and args.checkpoint is None:
+        p.error("--checkpoint is required (or --rescore DIR)")
+    if args.save_vis < 0:
+        p.error("--save-vis must be >= 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------
+# config, model, data
+
+
+def load_config(args: argparse.Namespace):
+    """The composed config (``-c`` + overrides) or the checkpoint's stored one (+ overrides); a DictConfig."""
+    from omegaconf import OmegaConf
+
+    if args.config is not None:
+        from training.train import compose_config
+
+        return compose_config(args.config, args.overrides)
+    from rsam.predictor import _read_checkpoint
+
+    _, stored = _read_checkpoint(args.checkpoint)
+    if stored is None:
+        raise EvalError(f"{args.checkpoint} holds no config (official or bare state dict): pass -c CONFIG")
+    cfg = OmegaConf.create(stored)
+    stale = [o for o in args.overrides if o.lstrip("+").startswith("scratch.")]
+    if stale:
+        # The stored config is resolved: nothing refers to scratch.* any more, so such overrides change nothing.
+        print(f"warning: {stale} change nothing in the checkpoint's stored (resolved) config; override the keys "
+              "that use them (e.g. data.test.batch_size=16, or --batch-size) or pass -c CONFIG", file=sys.stderr)
+    if args.overrides:
+        try:
+            # Hydra's "+key=value" / "++key=value" (add / force-add) are plain assignments here
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in args.overrides]))
+        except Exception as exc:  # omegaconf raises several types, all with readable messages
+            raise EvalError(f"cannot apply overrides {args.overrides}: {exc}") from None
+    return cfg
+
+
+def _instantiate(node, what: str):
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as exc:  # hydra wraps the constructor's error: report that one
+        cause = exc.__cause__ or exc
+        raise EvalError(f"cannot build {what}: {cause}") from None
+
+
+def split_section(cfg, split: str):
+    data = cfg.get("data") or {}
+    if data.get(split) is None:
+        raise EvalError(f"the config has no data.{split} section (has: {sorted(data)})")
+    return data[split]
+
+
+def build_dataset(cfg, split: str):
+    section = split_section(cfg, split)
+    dataset = _instantiate(section.dataset, f"the {split} dataset (data.{split}.dataset)")
+    if len(dataset) == 0:
+        raise EvalError(f"the {split} split has zero images ({getattr(dataset, 'root', '?')})")
+    return dataset
+
+
+def image_loader(dataset):
+    """name -> original image, uint8 (H, W, 3), through the dataset's reader."""
+    import numpy as np
+
+    def load(name: str):
+        return np.asarray(dataset.reader.decode_image(name, dataset.reader.open_image(name)))
+
+    return load
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one evaluation process
+
+
+def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Evaluate in this process (a rank of the group when distributed); returns the metrics.json dict on rank 0."""
+    import torch
+
+    from rsam.data.risors import build_eval_loader
+    from rsam.evaluation.evaluator import EvalCollator, EvalDataset, PredictionWriter, VisualWriter, evaluate
+    from rsam.evaluation.metrics import MetricConvention, format_metrics
+    from rsam.predictor import load_model
+    from training import distributed as D
+
+    accelerator = cfg.trainer.get("accelerator", "cuda") if cfg.get("trainer") else "cuda"
+    if args.num_gpus == 0:
+        accelerator = "cpu"
+    info = D.init_distributed(accelerator)
+    threads_before = torch.get_num_threads()
+    try:
+        if info.device.type == "cpu":
+            threads = args.threads or max(1, (os.cpu_count() or 1) // max(info.world_size, 1))
+            torch.set_num_threads(threads)
+        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s")
+        convention = MetricConvention.get(args.convention or _config_convention(cfg))
+        model, _ = load_model(args.checkpoint, cfg, device=info.device)
+        model.requires_grad_(False)
+
+        section = split_section(cfg, args.split)
+        dataset = build_dataset(cfg, args.split)
+        collate = _instantiate(section.collate, f"the {args.split} collate (data.{args.split}.collate)")
+        loader = build_eval_loader(
+            EvalDataset(dataset, original_masks=args.resolution == "original"), EvalCollator(collate),
+            batch_size=args.batch_size or int(section.get("batch_size", 1)),
+            num_workers=args.num_workers if args.num_workers is not None else int(section.get("num_workers", 0)),
+            rank=info.rank, world_size=info.world_size)
+
+        amp = args.amp == "on" or (args.amp == "auto" and info.device.type == "cuda"
+                                   and bool(cfg.get("trainer", {}).get("amp", {}).get("enabled", False)))
+        out_dir = args.out or default_out_dir(args, convention.name)
+        callbacks = []
+        writer = None
+        meta = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "convention": convention.name,
+                "resolution": args.resolution, "image_size": int(model.image_size),
+                "dataset": _plain(section.dataset)}
+        if args.save_predictions:
+            writer = PredictionWriter(args.save_predictions, meta)
+            callbacks.append(writer)
+        if args.save_vis and info.is_main:
+            callbacks.append(VisualWriter(os.path.join(out_dir, "vis"), args.save_vis, image_loader(dataset)))
+
+        LOG.info("evaluating %s on %s (%d images) with %d process(es) on %s, %s convention, %s resolution%s",
+                 args.checkpoint, args.split, len(dataset), info.world_size, info.device, convention.name,
+                 args.resolution, ", bf16 autocast" if amp else "")
+        result = evaluate(model, loader, convention, args.resolution, device=info.device,
+                          amp_dtype=torch.bfloat16 if amp else None, progress=not args.no_progress,
+                          callbacks=callbacks, desc=args.split)
+        if writer is not None:
+            writer.close(result.metrics)
+        per_process = D.all_gather_object(result.local_expressions)  # shows that nothing was scored twice
+        if not info.is_main:
+            return None
+        record = {**{k: v for k, v in meta.items() if k != "dataset"},
+                  "convention_description": convention.describe(), "num_processes": info.world_size,
+                  "expressions_per_process": per_process,
+                  "seconds": result.seconds, "expressions_per_s": result.expressions_per_s,
+                  "metrics": result.metrics}
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        size = f"{model.image_size}x{model.image_size}" if args.resolution == "network" else "original image size"
+        print(f"\n{args.checkpoint} on split '{args.split}': {result.metrics['num_expressions']} expressions, "
+              f"scored at {size}, {info.world_size} process(es), {result.seconds:.1f} s "
+              f"({result.expressions_per_s:.1f} expr/s)")
+        print(format_metrics(result.metrics, convention))
+        print(f"wrote {os.path.join(out_dir, 'metrics.json')}"
+              + (f" and {args.save_vis} pictures in {os.path.join(out_dir, 'vis')}" if args.save_vis else "")
+              + (f"; predictions in {args.save_predictions}" if args.save_predictions else ""))
+        return record
+    finally:
+        torch.set_num_threads(threads_before)
+        D.destroy_distributed()
+
+
+def _config_convention(cfg) -> str:
+    trainer = cfg.get("trainer") or {}
+    return trainer.get("metric_convention") or "official"
+
+
+def _plain(node) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def default_out_dir(args: argparse.Namespace, convention: str) -> str:
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    return os.path.join(folder, f"eval_{stem}_{args.split}_{convention}_{args.resolution}")
+
+
+def rescore_main(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--rescore DIR``: metrics from written masks, against the dataset recorded in predictions.json."""
+    from omegaconf import OmegaConf
+
+    from rsam.evaluation.evaluator import PREDICTIONS_JSON, rescore
+    from rsam.evaluation.metrics import MetricConvention, format_metrics
+
+    path = os.path.join(args.rescore, PREDICTIONS_JSON)
+    if not os.path.isfile(path):
+        raise EvalError(f"{path} not found: --rescore needs a folder written by --save-predictions")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if args.config is not None:  # the config's split, e.g. a dataset that moved
+        dataset = build_dataset(load_config(args), meta.get("split", args.split))
+    else:
+        dataset = _instantiate(OmegaConf.create(meta["dataset"]), f"the dataset recorded in {path}")
+    convention = MetricConvention.get(args.convention or meta.get("convention", "official"))
+    metrics = rescore(args.rescore, dataset, convention)
+    record = {"predictions": os.path.abspath(args.rescore), "split": meta.get("split"),
+              "convention": convention.name, "convention_description": convention.describe(),
+              "resolution": meta.get("resolution"), "metrics": metrics}
+    out_dir = args.out or args.rescore
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics_rescored.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nrescored {args.rescore} ({metrics['num_expressions']} expressions, {meta.get('resolution')} resolution)")
+    print(format_metrics(metrics, convention))
+    print(f"wrote {os.path.join(out_dir, 'metrics_rescored.json')}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launching
+
+
+def _user_message(exc: BaseException) -> Optional[str]:
+    """The one-line message of an expected failure (bad input), None for a bug (keep the traceback)."""
+    from rsam.build import CheckpointError
+
+    if isinstance(exc, (EvalError, FileNotFoundError, CheckpointError, KeyError, ValueError)):
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return f"error: {text}"
+    return None
+
+
+def _guarded(fn, *a):
+    try:
+        return fn(*a)
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None or os.environ.get("RSAM_DEBUG"):
+            raise
+        print(f"{message}\n(set RSAM_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _spawned(local_rank: int, cfg_container: dict, args: argparse.Namespace, world_size: int, port: int) -> None:
+    from omegaconf import OmegaConf
+
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    _guarded(run, OmegaConf.create(cfg_container), args)
+
+
+def main(argv=None) -> Optional[Dict[str, Any]]:
+    args = parse_args(argv)
+    if args.rescore is not None:
+        return _guarded(rescore_main, args)
+    cfg = _guarded(load_config, args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
+        return _guarded(run, cfg, args)
+    if args.num_gpus is None:
+        args.num_gpus = 1
+    nprocs = args.num_procs if args.num_procs is not None else max(1, args.num_gpus)
+    if nprocs < 1:
+        raise SystemExit("--num-procs must be >= 1")
+    if nprocs == 1:
+        return _guarded(run, cfg, args)
+
+    import torch.multiprocessing as mp
+    from omegaconf import OmegaConf
+
+    port = random.Random().randint(20000, 60000)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        mp.start_processes(_spawned, args=(container, args, nprocs, port), nprocs=nprocs, start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        raise SystemExit(f"evaluation failed: process {exc.error_index} exited with code {exc.exit_code} "
+                         "(its message is above)") from None
+    out_dir = args.out or default_out_dir(args, args.convention or _config_convention(cfg))
+    with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    main()
