@@ -1,0 +1,212 @@
+"""Launch RSAM training or evaluation from a Hydra YAML config.
+
+    python training/train.py -c configs/rsam_b+_b.yaml --num-gpus 4
+    python training/train.py -c configs/rsam_tiny_cpu.yaml --num-gpus 0 scratch.train_batch_size=4 trainer.max_epochs=2
+    torchrun --nnodes 2 --nproc-per-node 8 ... training/train.py -c configs/rsam_b+_b.yaml
+    python training/train.py -c configs/rsam_b+_b.yaml --use-cluster 1 --num-nodes 2 --num-gpus 8 --partition p
+
+Arguments after the flags are Hydra overrides. Where it runs:
+  * under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set): this process joins that process group;
+  * ``--use-cluster 1``: submits one SLURM task per GPU through submitit (``pip install submitit``);
+  * otherwise locally: ``--num-gpus 0`` trains on the CPU in this process; ``--num-gpus 1`` on one GPU in this
+    process (breakpoints work); ``--num-gpus N`` spawns N processes, one per GPU. With
+    ``trainer.accelerator=cpu``, ``--num-gpus N`` spawns N CPU processes talking over gloo (for testing DDP).
+
+The experiment dir (``--log-dir``, default ``rsam_logs/<config name>``) gets ``config.yaml`` (the composed config
+with every override and flag applied) and ``config_resolved.yaml`` before anything starts; re-running with the
+same dir resumes from ``checkpoints/checkpoint.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import sys
+import traceback
+
+# `python training/train.py` puts training/ (not the repo root) on sys.path; make `training.*` and `rsam.*`
+# importable without an install.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+LOG = logging.getLogger("rsam.train")
+
+
+def compose_config(config_path: str, overrides: list) -> DictConfig:
+    """Compose ``config_path`` (a YAML file; its folder is the Hydra search path) with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    path = os.path.abspath(config_path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"config file not found: {config_path}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    try:
+        with initialize_config_dir(config_dir=os.path.dirname(path), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=list(overrides))
+    except HydraException as exc:
+        raise SystemExit(f"cannot compose {config_path} with overrides {overrides}: {exc}") from None
+    return cfg
+
+
+def apply_flags(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
+    """Write the launcher flags into ``cfg.launcher`` / ``cfg.trainer`` so the saved config is what runs."""
+    with open_dict(cfg):
+        _apply_flags(cfg, args)
+    return cfg
+
+
+def _apply_flags(cfg: DictConfig, args: argparse.Namespace) -> None:
+    launcher = cfg.setdefault("launcher", {})
+    for key in ("num_gpus", "num_nodes", "use_cluster", "partition", "account", "qos"):
+        value = getattr(args, key)
+        if value is not None:
+            launcher[key] = bool(value) if key == "use_cluster" else value
+    launcher.setdefault("num_gpus", 1)
+    launcher.setdefault("num_nodes", 1)
+    launcher.setdefault("use_cluster", False)
+    if args.log_dir is not None:
+        launcher["experiment_log_dir"] = args.log_dir
+    if launcher.get("experiment_log_dir") is None:
+        launcher["experiment_log_dir"] = os.path.join("rsam_logs", os.path.splitext(os.path.basename(args.config))[0])
+    launcher["experiment_log_dir"] = os.path.abspath(launcher["experiment_log_dir"])
+    if launcher["num_gpus"] == 0:
+        cfg.trainer.accelerator = "cpu"
+
+
+def save_config(cfg: DictConfig, log_dir: str) -> None:
+    os.makedirs(log_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(log_dir, "config.yaml"))
+    OmegaConf.save(cfg, os.path.join(log_dir, "config_resolved.yaml"), resolve=True)
+
+
+def run_trainer(cfg: DictConfig) -> None:
+    """Entry point of every training process; ranks come from the environment."""
+    from training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+
+
+def _spawned_worker(local_rank: int, cfg: DictConfig, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    run_trainer(cfg)
+
+
+def launch_local(cfg: DictConfig) -> None:
+    nproc = max(1, int(cfg.launcher.num_gpus))
+    if nproc == 1:
+        run_trainer(cfg)
+        return
+    import torch.multiprocessing as mp
+
+    port = random.Random().randint(*cfg.launcher.get("port_range", [20000, 60000]))
+    ctx = mp.start_processes(_spawned_worker, args=(cfg, nproc, port), nprocs=nproc, start_method="spawn",
+                             join=False)
+
+    # SLURM or a user signals this parent only: pass it on so that every rank saves and stops.
+    def forward(signum, frame):
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
+    while not ctx.join():
+        pass
+
+
+class SubmititRunner:
+    """The callable submitit runs on every SLURM task; requeued on preemption (``checkpoint``)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> None:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        os.environ.update(MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(self.cfg.launcher.master_port),
+                          RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                          WORLD_SIZE=str(env.num_tasks))
+        try:
+            run_trainer(self.cfg)
+        except Exception:
+            LOG.error("training failed on rank %d:\n%s", env.global_rank, traceback.format_exc())
+            raise
+
+    def checkpoint(self):
+        import submitit
+
+        # The trainer already saved checkpoints/checkpoint.pt; the requeued job resumes from it.
+        return submitit.helpers.DelayedSubmission(SubmititRunner(self.cfg))
+
+
+def launch_slurm(cfg: DictConfig) -> None:
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("--use-cluster 1 needs submitit: pip install submitit (or pip install -e '.[slurm]')")
+    lc = cfg.launcher
+    executor = submitit.AutoExecutor(folder=os.path.join(lc.experiment_log_dir, "submitit_logs"))
+    params = dict(timeout_min=int(60 * lc.get("timeout_hour", 24)), nodes=int(lc.num_nodes),
+                  gpus_per_node=int(lc.num_gpus), tasks_per_node=int(lc.num_gpus),
+                  cpus_per_task=int(lc.get("cpus_per_task", 10)), name=lc.get("job_name", "rsam"),
+                  slurm_signal_delay_s=120)
+    extra = {k: lc.get(k) for k in ("partition", "account", "qos") if lc.get(k)}
+    params.update({f"slurm_{k}": v for k, v in extra.items()})
+    if lc.get("mem_gb"):
+        params["mem_gb"] = int(lc.mem_gb)
+    executor.update_parameters(**params)
+    OmegaConf.update(cfg, "launcher.master_port", random.Random().randint(20000, 60000), force_add=True)
+    job = executor.submit(SubmititRunner(cfg))
+    print(f"submitted SLURM job {job.job_id}; logs in {lc.experiment_log_dir}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="YAML config file, e.g. configs/rsam_b+_b.yaml")
+    parser.add_argument("--num-gpus", type=int, default=None, help="GPUs (processes) per node; 0 = CPU")
+    parser.add_argument("--num-nodes", type=int, default=None, help="nodes (SLURM)")
+    parser.add_argument("--use-cluster", type=int, choices=(0, 1), default=None, help="1: submit to SLURM")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--qos", default=None)
+    parser.add_argument("--log-dir", default=None, help="experiment dir (default rsam_logs/<config name>)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=2")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = compose_config(args.config, args.overrides)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun and args.num_gpus is None:
+        args.num_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cfg = apply_flags(cfg, args)
+    log_dir = cfg.launcher.experiment_log_dir
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_config(cfg, log_dir)
+
+    if under_torchrun:
+        run_trainer(cfg)
+    elif cfg.launcher.use_cluster:
+        launch_slurm(cfg)
+    else:
+        if int(cfg.launcher.num_nodes) != 1:
+            raise SystemExit("--num-nodes > 1 needs --use-cluster 1 or torchrun")
+        launch_local(cfg)
+
+
+if __name__ == "__main__":
+    main()
