@@ -23,7 +23,6 @@ module when loading SAM 2.1) keep their current values.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -39,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "load_checkpoint",
+    "load_torch_file",
     "read_state_dict",
     "detect_format",
     "OFFICIAL_VIDEO_LEFTOVERS",
@@ -93,16 +93,30 @@ class LoadReport:
 # reading files
 
 
-def _torch_load(path: Path, weights_only: bool) -> Any:
+def load_torch_file(path: Union[str, os.PathLike], weights_only: bool = True) -> Any:
+    """``torch.load(path)`` on the CPU, with errors that name the file.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for anything ``torch.load``
+    cannot read (which, depending on the bytes, surfaces as pickle, zip, EOF or even ``KeyError`` errors).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({exc}). If you trust the file, "
-            "pass weights_only=False."
-        ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    except Exception as exc:  # whatever the bytes make torch.load trip on
+        refused = isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
+        if weights_only and refused:
+            raise CheckpointError(
+                f"{path}: holds objects that torch.load(weights_only=True) refuses ({_first_line(exc)}). "
+                "If you trust the file, pass weights_only=False."
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable torch file ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _load_safetensors(path: Path) -> StateDict:
@@ -115,15 +129,16 @@ def _load_safetensors(path: Path) -> StateDict:
 
 
 def _read_hf_bert_dir(path: Path, weights_only: bool) -> tuple[StateDict, dict]:
+    from rsam.modeling.text_encoder import read_bert_config  # imported here: it pulls in transformers
+
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: a BERT directory needs config.json (not found)")
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_bert_config(config_file)
     for name in ("model.safetensors", "pytorch_model.bin"):
         weights = path / name
         if weights.is_file():
-            sd = _load_safetensors(weights) if name.endswith(".safetensors") else _torch_load(weights, weights_only)
+            sd = _load_safetensors(weights) if name.endswith(".safetensors") else load_torch_file(weights, weights_only)
             return dict(sd), config
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
 
@@ -147,7 +162,7 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping], weights_only: bool
         elif path.suffix == ".safetensors":
             obj = _load_safetensors(path)
         else:
-            obj = _torch_load(path, weights_only)
+            obj = load_torch_file(path, weights_only)
     # {"model": sd, "optimizer": ..., ...} (ours, SAM 2.1) -> sd
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
@@ -158,10 +173,19 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping], weights_only: bool
     if bad:
         raise CheckpointError(f"{meta['source']}: entries that are not named tensors: {_listing(map(str, bad))}")
     sd = dict(obj)
-    for prefix in WRAPPER_PREFIXES:  # rule "wrapper": DDP / torch.compile prefixes
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    # rule "wrapper": DDP / torch.compile prefixes, in whichever order the wrappers were applied
+    prefix = _wrapper_prefix(sd)
+    while prefix is not None:
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        prefix = _wrapper_prefix(sd)
     return sd, meta
+
+
+def _wrapper_prefix(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The wrapper prefix that every key carries, or None."""
+    if not sd:
+        return None
+    return next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
 
 
 def detect_format(sd: Mapping[str, torch.Tensor]) -> str:

@@ -110,6 +110,20 @@ def test_position_encoding_details():
         PositionEmbeddingSine(7)
 
 
+def test_sine_cache_made_in_inference_mode_serves_training():
+    """Regression: an encoding first computed under inference_mode (the predictor) was cached as an inference
+    tensor, and a later training forward that saved it for backward raised "Inference tensors cannot be saved"."""
+    sine = PositionEmbeddingSine(8)
+    x = torch.zeros(2, 3, 4, 6)
+    with torch.inference_mode():
+        first = sine(x)
+    cached = sine(x)
+    assert torch.equal(cached, first) and len(sine._cache) == 1 and not cached.is_inference()
+    weight = torch.ones(1, 8, 1, 1, requires_grad=True)
+    (weight * cached).sum().backward()  # multiplication saves the encoding for backward
+    torch.testing.assert_close(weight.grad[0, :, 0, 0], first.sum((0, 2, 3)))
+
+
 def test_input_size_must_be_multiple_of_32(encoder_run):
     encoder, _, _ = encoder_run
     with pytest.raises(ValueError, match="multiples of 32") as info:

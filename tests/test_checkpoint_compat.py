@@ -230,9 +230,10 @@ def test_build_from_yaml_with_official_and_own_checkpoint(tiny_node, golden_tiny
     assert report.format == "rsam" and report.dropped == {} and not caplog.records
     assert all(torch.equal(v, golden_sd[k]) for k, v in fresh.state_dict().items())
 
-    # DDP-wrapped names are accepted
-    report = load_checkpoint(fresh, {"model": {"module." + k: v for k, v in model.state_dict().items()}})
-    assert report.format == "rsam"
+    # DDP- and torch.compile-wrapped names are accepted, whichever wrapper came first
+    for prefix in ("module.", "module._orig_mod.", "_orig_mod.module."):
+        report = load_checkpoint(fresh, {"model": {prefix + k: v for k, v in model.state_dict().items()}})
+        assert report.format == "rsam" and report.loaded == sorted(model.state_dict()), prefix
 
 
 def _tiny_bert_state(tiny_node, seed: int):
@@ -300,6 +301,9 @@ def test_hf_bert_directory_errors(tiny, tiny_node, tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
         load_checkpoint(tiny, tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"empty[/\\]config\.json: not valid JSON"):
+        load_checkpoint(tiny, tmp_path / "empty")
 
 
 def test_bad_paths_and_configs(tiny, tmp_path):
@@ -312,6 +316,11 @@ def test_bad_paths_and_configs(tiny, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pt"):
         load_checkpoint(tiny, garbage)
+    # bytes on which torch.load trips with a bare KeyError / EOFError: still an error naming the file
+    for content in (b"hello\n", b""):
+        garbage.write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"garbage\.pt: not a readable torch file"):
+            load_checkpoint(tiny, garbage)
     with pytest.raises(CheckpointError, match="state dict"):
         load_checkpoint(tiny, {"model": {}})
     with pytest.raises(KeyError, match="model"):

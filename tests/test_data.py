@@ -155,6 +155,9 @@ def test_tokenizer_from_hf_directory(reference_file, tmp_path, golden):
     assert all(tok.encode(e["text"]) == e["input_ids"] for e in golden["expressions"])
     with pytest.raises(FileNotFoundError, match="nope"):
         RSAMTokenizer(str(tmp_path / "nope"))
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": tru')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
+        RSAMTokenizer(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ synthetic
@@ -306,6 +309,11 @@ def test_rle_decoder_matches_pycocotools(tmp_path):
     for ann in bad:
         with pytest.raises(DataError, match=r"img\.json: annotations\[0\]\.segmentation: invalid RLE"):
             reader.decode_masks("img", [ann])
+    mixed = [Annotation(2, "x", "c", 1.0, {"size": [37, 53], "counts": rles[4]["counts"]}),
+             Annotation(5, "x", "c", 1.0, {"size": [37, 54], "counts": rles[4]["counts"]})]
+    with pytest.raises(DataError, match=r"img\.json: annotations\[5\]\.segmentation\.size \[37, 54\] != \[37, 53\] "
+                                        r"\(annotations\[2\]\.segmentation\.size\)"):
+        reader.decode_masks("img", mixed)
 
 
 # ------------------------------------------------------------------------------------------------ negatives
@@ -414,9 +422,13 @@ def test_bad_input_raises_naming_the_file(tmp_path, case):
     named = _bad_dataset(tmp_path, case)
     ds = RISORSDataset(str(tmp_path), "val", resolution=32)
     assert ds[0] is not None
-    with pytest.raises(DataError) as err:
-        ds[1]
-    assert named in str(err.value) and err.value.reason == BAD_CASES[case]
+    for read in (ds.__getitem__, ds.read_original):  # training/eval sample and the original-resolution reader
+        with pytest.raises(DataError) as err:
+            read(1)
+        assert named in str(err.value) and err.value.reason == BAD_CASES[case]
+    if case == "size":  # the field, both sizes and the image are named
+        assert "annotations[0].segmentation.size [40, 32] != image size [" in str(err.value)
+        assert "bad.jpg" in str(err.value)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

@@ -13,12 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import training.loss_fns as loss_fns
-from rsam.tools.verify_loss_metrics import check_loss_metrics, main as verify_main
+from rsam.tools.verify_loss_metrics import PER_EXPRESSION_KEYS, check_loss_metrics, main as verify_main
 from training.loss_fns import RSAMLoss, sigmoid_focal_loss
-
-# golden loss_per_expression key -> ours
-PER_EXPR = {"focal": "focal", "dice": "dice", "iou_l1": "iou", "class_bce": "class", "target_obj": "target_obj",
-            "actual_iou_gt0": "actual_iou"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,8 @@ def test_loss_matches_golden(golden):
 
 def test_loss_per_expression_matches_golden(golden):
     terms = RSAMLoss().per_expression(_outputs(golden), golden["inputs"]["gt_masks"])
-    for ref_key, ours in PER_EXPR.items():
+    assert set(PER_EXPRESSION_KEYS) == set(golden["loss_per_expression"])
+    for ref_key, ours in PER_EXPRESSION_KEYS.items():
         torch.testing.assert_close(terms[ours], golden["loss_per_expression"][ref_key], rtol=1e-5, atol=1e-7,
                                    msg=ref_key)
 
@@ -72,6 +69,18 @@ def test_verify_tool(golden, golden_path, capsys):
     assert "73/73 checks passed" in capsys.readouterr().out
     with pytest.raises(KeyError, match="inputs"):
         check_loss_metrics({"loss": {}})
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b""])
+def test_verify_tool_unreadable_file(tmp_path, capsys, content):
+    """Regression: bytes torch.load trips on (KeyError / EOFError) gave a traceback instead of exit status 2."""
+    path = tmp_path / "golden.pt"
+    path.write_bytes(content)
+    assert verify_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not a readable torch file" in err
+    assert verify_main([str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
 
 
 def test_focal_by_hand():

@@ -113,6 +113,13 @@ def test_verify_reference_cli(reference_file, tmp_path):
     bogus = tmp_path / "bogus.pt"
     torch.save({"something": torch.zeros(1)}, bogus)
     assert vr.main([str(bogus)]) == 2
+    # not a torch file at all: a message naming the file, not a KeyError from inside torch.load
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"hello\n")
+    proc = subprocess.run([sys.executable, "-m", "rsam.tools.verify_reference", str(garbage)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(garbage) in proc.stderr and "not a readable torch file" in proc.stderr
 
 
 def test_official_config_translation(golden_tiny):
@@ -291,6 +298,9 @@ def test_bad_inputs_give_clear_errors():
         model(images, expr_to_image, ids.float(), mask)
     with pytest.raises(ValueError, match=r"description_pe has 4 rows"):
         tiny_rsam(max_text_tokens=4).eval()(images, expr_to_image, ids, mask)
+    long_ids = torch.ones(3, 513, dtype=torch.long)  # regression: was a shape error from inside BERT
+    with pytest.raises(ValueError, match=r"513 tokens .* max_position_embeddings=512"):
+        model(images, expr_to_image, long_ids, torch.ones_like(long_ids))
     with pytest.raises(ValueError, match=r"image_size=120 must be a multiple of 32"):
         tiny_rsam(image_size=120)
 
@@ -309,6 +319,27 @@ def test_bf16_autocast_forward_backward():
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.description_transformer.final_attn_token_to_image.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_host_syncs():
+    """Image encoder, fusion and decoder queue without host syncs; the forward's only own sync is the
+    expr_to_image range check (BERT's mask code in transformers adds its own)."""
+    model = tiny_rsam(use_text_padding_mask=True).cuda().train()
+    images, expr_to_image, ids, mask = (t.cuda() for t in tiny_batch())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        text = model.encode_text(ids, mask)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model._decode(model.encode_image(images), expr_to_image, text, mask)
+            loss = out.logits.sigmoid().mean() + out.iou_pred.mean() + out.object_score_logits.mean()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert out.logits.dtype == torch.float32 and out.iou_pred.dtype == torch.float32
+    loss.backward()
+    with pytest.raises(ValueError, match=r"expr_to_image values must be in \[0, 1\].*max 2"):
+        model(images, torch.tensor([0, 1, 2], device="cuda"), ids, mask)
 
 
 def test_import_rsam_is_lazy():

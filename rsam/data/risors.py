@@ -195,6 +195,24 @@ class RISORSReader:
         with ThreadPoolExecutor(8) as pool:
             return [m for ms in pool.map(check, names) for m in ms]
 
+    def _read_bytes(self, path: str, kind: str) -> bytes:
+        try:
+            with self.pm.open(path, "rb") as f:
+                return f.read()
+        except OSError as e:  # FileNotFoundError included
+            raise DataError(path, f"cannot read {kind} file ({e})", "missing_file") from None
+
+    def size_mismatch(self, name: str, ann: Annotation, size: Tuple[int, int]) -> Optional[DataError]:
+        """The error for an annotation whose RLE size differs from the image's (h, w), or None if they agree."""
+        if ann.segmentation["size"] == list(size):
+            return None
+        return DataError(
+            self.annotation_path(name),
+            f"annotations[{ann.index}].segmentation.size {ann.segmentation['size']} != image size "
+            f"{list(size)} of {self.image_path(name)}",
+            "size",
+        )
+
     def load_annotations(
         self,
         name: str,
@@ -209,11 +227,7 @@ class RISORSReader:
         ``keep_empty``.
         """
         path = self.annotation_path(name)
-        try:
-            with self.pm.open(path, "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(path, f"cannot read annotation file ({e})", "missing_file") from None
+        raw = self._read_bytes(path, "annotation")
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -240,11 +254,7 @@ class RISORSReader:
     def open_image(self, name: str) -> Image.Image:
         """Open the image lazily (header only): ``.size`` is known, pixels are decoded by :meth:`decode_image`."""
         path = self.image_path(name)
-        try:
-            with self.pm.open(path, "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(path, f"cannot read image file ({e})", "missing_file") from None
+        raw = self._read_bytes(path, "image")
         try:
             return Image.open(io.BytesIO(raw))
         except Exception as e:  # PIL raises several types for unknown/corrupt headers
@@ -271,7 +281,12 @@ class RISORSReader:
         for i, ann in enumerate(annotations):
             seg = ann.segmentation
             if seg["size"] != [h, w]:
-                raise DataError(self.annotation_path(name), f"annotations[{ann.index}]: size {seg['size']} != {[h, w]}", "size")
+                raise DataError(
+                    self.annotation_path(name),
+                    f"annotations[{ann.index}].segmentation.size {seg['size']} != {[h, w]} "
+                    f"(annotations[{annotations[0].index}].segmentation.size)",
+                    "size",
+                )
             counts = seg["counts"]
             if not isinstance(counts, list) and len(counts) > FAST_RLE_MAX_CHARS:
                 long_rles.append(i)
@@ -577,15 +592,9 @@ class RISORSDataset(Dataset):
         h, w = image.height, image.width
         valid = []
         for ann in anns:
-            if ann.segmentation["size"] != [h, w]:
-                self._handle_bad(
-                    DataError(
-                        reader.annotation_path(name),
-                        f"annotations[{ann.index}].segmentation.size {ann.segmentation['size']} != image size "
-                        f"[{h}, {w}] of {reader.image_path(name)}",
-                        "size",
-                    )
-                )
+            err = reader.size_mismatch(name, ann, (h, w))
+            if err is not None:
+                self._handle_bad(err)
                 continue
             valid.append(ann)
         if not valid:
@@ -637,12 +646,9 @@ class RISORSDataset(Dataset):
         image = self.reader.open_image(name)
         h, w = image.height, image.width
         for ann in anns:
-            if ann.segmentation["size"] != [h, w]:
-                raise DataError(
-                    self.reader.annotation_path(name),
-                    f"annotations[{ann.index}].segmentation.size {ann.segmentation['size']} != image size [{h}, {w}]",
-                    "size",
-                )
+            err = self.reader.size_mismatch(name, ann, (h, w))
+            if err is not None:
+                raise err
         masks = np.zeros((len(anns), h, w), dtype=bool)
         nonempty = [i for i, a in enumerate(anns) if not a.empty]
         if nonempty:

@@ -65,8 +65,14 @@ def load_bert_tokenizer(path: str):
         lower_case = True
         config_path = os.path.join(local, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, "r", encoding="utf-8") as f:
-                lower_case = bool(json.load(f).get("do_lower_case", True))
+            try:
+                with open(config_path, "r", encoding="utf-8") as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
+            lower_case = bool(config.get("do_lower_case", True))
         vocab_file = os.path.join(local, "vocab.txt")
         if os.path.isfile(vocab_file):
             # Prefer vocab.txt: it is what the official (slow) tokenizer reads.

@@ -77,7 +77,10 @@ class PositionEmbeddingSine(nn.Module):
         key = (height, width, x.device, x.dtype)
         pos = self._cache.get(key)
         if pos is None:
-            pos = self._encode(height, width, x.device).to(x.dtype)
+            # A tensor made under inference_mode (e.g. by the predictor) would stay an inference tensor in
+            # the cache and break a later training forward that saves it for backward: build it outside.
+            with torch.inference_mode(False):
+                pos = self._encode(height, width, x.device).to(x.dtype)
             self._cache[key] = pos
         # expand, not repeat: identical for every image, and callers never write into it
         return pos[None].expand(batch, -1, -1, -1)
@@ -115,10 +118,3 @@ class PositionEmbeddingRandom(nn.Module):
             (x[None, :].expand(h, w), y[:, None].expand(h, w)), dim=-1
         )  # (H, W, 2) as (x, y)
         return self._pe_encoding(coords).permute(2, 0, 1)
-
-    def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """coords_input: (B, N, 2) pixel (x, y) in an image of size (H, W) -> (B, N, C)."""
-        coords = coords_input.clone()
-        coords[..., 0] = coords[..., 0] / image_size[1]
-        coords[..., 1] = coords[..., 1] / image_size[0]
-        return self._pe_encoding(coords.to(torch.float))

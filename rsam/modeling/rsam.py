@@ -190,6 +190,13 @@ class RSAM(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask (N, L) -> projected text tokens (N, L, d), padded positions included."""
+        limit = getattr(self.text_encoder.config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[-1] > limit:
+            # BERT itself would fail with a bare shape error (or a device-side assert on CUDA)
+            raise ValueError(
+                f"RSAM: expressions of {input_ids.shape[-1]} tokens are longer than the text encoder's "
+                f"max_position_embeddings={limit}; truncate them (the tokenizer's 'standard' mode does)"
+            )
         grad = torch.is_grad_enabled() and not self.freeze_text_encoder
         with torch.set_grad_enabled(grad):
             hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -210,20 +217,22 @@ class RSAM(nn.Module):
             input_ids, attention_mask: (N, L) long, right-padded token ids and their mask (1 = real token).
         """
         self._check_expressions(features.num_images, expr_to_image, input_ids, attention_mask)
-        return self._decode(features, expr_to_image, input_ids, attention_mask)
+        return self._decode(features, expr_to_image, self.encode_text(input_ids, attention_mask), attention_mask)
 
     def _decode(
         self,
         features: ImageFeatures,
         expr_to_image: torch.Tensor,
-        input_ids: torch.Tensor,
+        text: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> RSAMOutput:
-        """:meth:`decode` without the input checks."""
-        n, length = input_ids.shape
+        """:meth:`decode` without the input checks, from the projected text tokens (N, L, d) of :meth:`encode_text`.
+
+        No host synchronisation from here on: everything runs on the device.
+        """
+        n, length = attention_mask.shape
         prompt = self.sam_prompt_encoder
 
-        text = self.encode_text(input_ids, attention_mask)
         text_pe = prompt.get_text_pe(length)
         image_pe = prompt.get_dense_pe()
         image = self._per_expression(features.image_embed, expr_to_image)
@@ -276,14 +285,18 @@ class RSAM(nn.Module):
         # check everything first: a bad index should not cost an image-encoder pass
         self._check_images(images)
         self._check_expressions(images.shape[0], expr_to_image, input_ids, attention_mask)
-        return self._decode(self.encode_image(images), expr_to_image, input_ids, attention_mask)
+        # Text before images: the transformers BERT reads its attention mask on the host (one sync). Queued
+        # first, that sync waits for a few embedding kernels instead of the whole image encoder, and the CPU
+        # then queues the rest of the step while the GPU runs the image encoder.
+        text = self.encode_text(input_ids, attention_mask)
+        return self._decode(self.encode_image(images), expr_to_image, text, attention_mask)
 
     @staticmethod
     def _per_expression(per_image: torch.Tensor, expr_to_image: torch.Tensor) -> torch.Tensor:
-        """Gather per-image tensors (B, ...) into per-expression tensors (N, ...)."""
-        n, b = expr_to_image.shape[0], per_image.shape[0]
-        if n == b and torch.equal(expr_to_image, torch.arange(b, device=expr_to_image.device)):
-            return per_image  # one expression per image, in order: no copy
+        """Gather per-image tensors (B, ...) into per-expression tensors (N, ...).
+
+        Always a gather: testing for the identity mapping first would cost a host sync per call.
+        """
         return per_image.index_select(0, expr_to_image)
 
     # ------------------------------------------------------------------------------------------------
@@ -324,14 +337,14 @@ class RSAM(nn.Module):
                 f"RSAM: expr_to_image must be (N,) = ({n},) (one image index per expression), "
                 f"got shape {tuple(expr_to_image.shape)}"
             )
-        if num_images >= 0:
-            # one host sync; worth it, an out-of-range index on CUDA is an unreadable device-side assert
-            lo, hi = int(expr_to_image.min()), int(expr_to_image.max())
-            if lo < 0 or hi >= num_images:
-                raise ValueError(
-                    f"RSAM: expr_to_image values must be in [0, {num_images - 1}] (B={num_images} images), "
-                    f"got min {lo}, max {hi}"
-                )
+        # one host sync (min and max fetched together); worth it, an out-of-range index on CUDA is an
+        # unreadable device-side assert
+        lo, hi = torch.stack(torch.aminmax(expr_to_image)).tolist()
+        if lo < 0 or hi >= num_images:
+            raise ValueError(
+                f"RSAM: expr_to_image values must be in [0, {num_images - 1}] (B={num_images} images), "
+                f"got min {lo}, max {hi}"
+            )
 
     # ------------------------------------------------------------------------------------------------
     # introspection

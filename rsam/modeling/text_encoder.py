@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import nn
 from transformers import BertConfig, BertModel
 
-__all__ = ["build_bert", "freeze_module"]
+__all__ = ["build_bert", "freeze_module", "read_bert_config"]
 
 # Keys of a BERT config.json that describe the file rather than the architecture.
 _NON_ARCH_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path")
@@ -31,18 +31,7 @@ def build_bert(config_path: Optional[str] = None, attn_implementation: str = "sd
         **config: ``BertConfig`` fields (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
             intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act, ...).
     """
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        path = os.fspath(config_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"build_bert: text encoder config_path {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"build_bert: {path!r} is not valid JSON ({exc})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"build_bert: {path!r} must hold a JSON object, got {type(values).__name__}")
+    values = read_bert_config(config_path) if config_path is not None else {}
     values.update(config)
     for key in _NON_ARCH_KEYS:
         values.pop(key, None)
@@ -52,6 +41,21 @@ def build_bert(config_path: Optional[str] = None, attn_implementation: str = "sd
     bert_config = BertConfig(**values)
     bert_config._attn_implementation = attn_implementation
     return BertModel(bert_config, add_pooling_layer=False)
+
+
+def read_bert_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The entries of a BERT ``config.json``; a missing file or bad JSON is an error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"BERT config {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(values).__name__}")
+    return values
 
 
 def freeze_module(module: nn.Module) -> nn.Module:

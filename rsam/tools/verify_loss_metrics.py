@@ -16,6 +16,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from rsam.checkpoint import CheckpointError, load_torch_file
 from rsam.evaluation.metrics import OFFICIAL, compute_metrics, expression_stats, per_expression_iou
 
 Row = Tuple[str, float, float, float, float, str]
@@ -123,9 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("file", help="golden .pt file with loss / metrics keys (golden_loss_metrics.pt)")
     args = parser.parse_args(argv)
     try:
-        golden = torch.load(args.file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        print(f"error: cannot load {args.file}: {exc}", file=sys.stderr)
+        golden = load_torch_file(args.file)
+    except (OSError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         rows, ok = check_loss_metrics(golden)

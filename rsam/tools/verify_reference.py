@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import pickle
 import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from rsam.checkpoint import CheckpointError, load_torch_file
 
 # (name, shape or what is counted, max abs error or count, tolerance, result)
 Row = Tuple[str, str, float, float, str]
@@ -420,11 +421,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        golden = torch.load(args.file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: cannot load {args.file} as a torch file (torch.load, weights_only=True): {first_line}",
-              file=sys.stderr)
+        golden = load_torch_file(args.file)
+    except (OSError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     notes: List[str] = []
     try:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsam.modeling.sam.common import MLP
+
 __all__ = ["Hiera", "HIERA_PRESETS", "hiera_from_preset", "MultiScaleBlock", "MultiScaleAttention", "hiera_channel_list"]
 
 
@@ -86,18 +88,6 @@ class DropPath(nn.Module):
         keep = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep  # rescale so the expectation matches eval
-
-
-class Mlp(nn.Module):
-    """Two Linear layers with GELU in between; parameters under ``layers.{0,1}`` (SAM 2 names)."""
-
-    def __init__(self, dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, out_dim)])
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[1](self.act(self.layers[0](x)))
 
 
 class PatchEmbed(nn.Module):
@@ -206,7 +196,7 @@ class MultiScaleBlock(nn.Module):
         self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_pool=self.pool)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
-        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out)
+        self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, num_layers=2, activation=nn.GELU)
         if dim != dim_out:
             self.proj = nn.Linear(dim, dim_out)
 

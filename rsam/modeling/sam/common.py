@@ -1,4 +1,4 @@
-"""Small building blocks shared by the prompt encoder, the mask decoder and the two transformers."""
+"""Small building blocks shared by the Hiera trunk, the prompt encoder, the mask decoder and the two transformers."""
 from __future__ import annotations
 
 from typing import Type
@@ -13,8 +13,8 @@ class MLP(nn.Module):
     """``num_layers`` Linear layers with ``activation`` between them (not after the last one).
 
     The layers live in ``self.layers`` (a ModuleList) so that parameter names read ``layers.{i}.weight``,
-    the names used by SAM 2 and the official RSAM checkpoints. Used for the token MLPs of both
-    transformers and for the hyper-network, IoU and object-score heads of the mask decoder.
+    the names used by SAM 2 and the official RSAM checkpoints. Used for the Hiera blocks' GELU MLPs, the
+    token MLPs of both transformers and the hyper-network, IoU and object-score heads of the mask decoder.
     """
 
     def __init__(
