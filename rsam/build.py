@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from rsam.config import compose_config
 from rsam.checkpoint import (
     CheckpointError,
     LoadReport,
@@ -44,7 +45,8 @@ def model_config(cfg_model: Any):
         path = Path(cfg_model).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model config not found: {path}")
-        cfg = OmegaConf.load(path)
+        # composed, not just loaded: configs such as rsam_b+_b_official.yaml build on another via `defaults:`
+        cfg = compose_config(path)
         where = str(path)
     elif isinstance(cfg_model, DictConfig):
         cfg, where = cfg_model, "config"

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from rsam.config import compose_config
 from rsam.data.transforms import Normalize, resize_image
 from rsam.modeling.rsam import NO_OBJ_SCORE
 
@@ -185,22 +186,7 @@ def load_image(image: ImageInput) -> np.ndarray:
 # configs and checkpoints
 
 
-def _compose_yaml(path: Union[str, os.PathLike], overrides: Sequence[str] = ()):
-    """Compose a Hydra YAML config (its ``defaults:`` list included) with command-line style overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    if GlobalHydra.instance().is_initialized():  # e.g. inside a Hydra app: compose in a fresh context
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(file.parent), version_base="1.3"):
-            return compose(config_name=file.stem, overrides=list(overrides))
-    except HydraException as exc:
-        raise ValueError(f"cannot compose config {path} with overrides {list(overrides)}: {exc}") from None
+_compose_yaml = compose_config  # kept for callers of the old private name
 
 
 def _as_config(config: Any, overrides: Sequence[str] = ()):

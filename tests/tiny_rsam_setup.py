@@ -24,7 +24,7 @@ def write_vocab(path: Path, words: Iterable[str] = ()) -> Path:
 
 def tiny_config(overrides: Sequence[str] = ()) -> dict:
     """configs/rsam_tiny_cpu.yaml composed with ``overrides``, resolved to a plain dict."""
-    from rsam.predictor import _compose_yaml
+    from rsam.config import compose_config as _compose_yaml
 
     return OmegaConf.to_container(_compose_yaml(TINY_CONFIG, list(overrides)), resolve=True)
 

@@ -39,19 +39,12 @@ LOG = logging.getLogger("rsam.train")
 
 def compose_config(config_path: str, overrides: list) -> DictConfig:
     """Compose ``config_path`` (a YAML file; its folder is the Hydra search path) with ``overrides``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from rsam.config import compose_config as compose
 
-    path = os.path.abspath(config_path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"config file not found: {config_path}")
-    name = os.path.splitext(os.path.basename(path))[0]
     try:
-        with initialize_config_dir(config_dir=os.path.dirname(path), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=list(overrides))
-    except HydraException as exc:
-        raise SystemExit(f"cannot compose {config_path} with overrides {overrides}: {exc}") from None
-    return cfg
+        return compose(config_path, overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def apply_flags(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
