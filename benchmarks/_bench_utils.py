@@ -351,3 +351,26 @@ def emit(record: Dict[str, object], out: Optional[str]) -> None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def measure(model, make_step, setup, args, device):
+    """FLOPs of one eager step, then warm-up and timed steps of the (optionally compiled) model.
+
+    ``make_step(net)`` returns a zero-argument callable running one step on ``net``. FLOPs are counted on the
+    eager model because the counter sees dispatcher ops, which compiled graphs hide. Returns
+    ``(flops, timing, peak_memory)``; writes a profile when ``args.profile`` is set.
+    """
+    flops = {"flops_per_step": None, "flops_by_op": {}}
+    if not args.no_flops:
+        flops = count_flops(make_step(model))
+    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    step = make_step(net)
+    for _ in range(setup.warmup):
+        step()
+    synchronize(device)
+    reset_peak_memory(device)
+    timing = time_steps(step, device, warmup=0, iters=setup.iters)
+    memory = peak_memory(device)
+    if args.profile:
+        write_profile(step, device, args.profile)
+    return flops, timing, memory

@@ -49,21 +49,7 @@ def main(argv=None) -> dict:
             out.logits.sum()
         return step
 
-    flops = {"flops_per_step": None, "flops_by_op": {}}
-    if not args.no_flops:
-        flops = U.count_flops(make_step(model))
-    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    step = make_step(net)
-
-    for _ in range(setup.warmup):
-        step()
-    U.synchronize(device)
-    U.reset_peak_memory(device)
-    timing = U.time_steps(step, device, warmup=0, iters=setup.iters)
-    memory = U.peak_memory(device)
-    if args.profile:
-        U.write_profile(step, device, args.profile)
-
+    flops, timing, memory = U.measure(model, make_step, setup, args, device)
     peak, peak_src = U.peak_tflops(device, args.peak_tflops)
     step_s = timing["step_ms"] / 1e3
     record = {
