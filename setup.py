@@ -126,7 +126,11 @@ setup(
     package_data={"rsam": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["rsam-predict=rsam.tools.predict:main"]},
+    entry_points={"console_scripts": [
+        "rsam-train=training.train:main",
+        "rsam-eval=training.eval:main",
+        "rsam-predict=rsam.tools.predict:main",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -9,7 +9,6 @@ dense bf16 peak of the GPU (table below, or ``--peak-tflops``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -21,9 +20,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from rsam.data.batch import Batch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `python benchmarks/bench_train.py` from a checkout without `pip install -e .`
-    sys.path.insert(0, REPO)
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "rsam_b+_b.yaml")
 
@@ -159,55 +158,34 @@ def build_model(cfg, device: torch.device, mode: str, channels_last: bool):
 
 
 # ---------------------------------------------------------------------------------------------------- batch
-@dataclass
-class SyntheticBatch:
-    """Device tensors of one step: images (B,3,R,R), expr_to_image (N,), input_ids / attention_mask (N,L),
-    masks (N,R,R) bool (half of the expressions have a box target, the rest a disc)."""
-
-    images: torch.Tensor
-    expr_to_image: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    masks: torch.Tensor
-
-
 def synthetic_batch(model, images: int, exprs_per_image: int, tokens: int, device: torch.device,
-                    channels_last: bool, seed: int) -> SyntheticBatch:
+                    channels_last: bool, seed: int) -> Batch:
+    """A :class:`Batch` on ``device``: random uint8 images (B,3,R,R), B x k expressions of ``tokens`` real tokens,
+    disc-shaped ground-truth masks of a few percent of the image (so every loss term is active)."""
     g = torch.Generator().manual_seed(seed)
     r = int(model.image_size)
     n = images * exprs_per_image
     vocab = int(model.text_encoder.config.vocab_size)
-    imgs = torch.randn(images, 3, r, r, generator=g)
+    imgs = torch.randint(0, 256, (images, 3, r, r), generator=g, dtype=torch.uint8)
     # Tokens: [CLS]-like first id, then random word pieces; every position real (the recipe's 20 tokens).
     low = min(1000, max(vocab // 2, 1))
     ids = torch.randint(low, vocab, (n, tokens), generator=g)
     ids[:, 0] = min(101, vocab - 1)
-    mask = torch.ones(n, tokens, dtype=torch.long)
-    # Ground truth: blobs of a few percent of the image, so every loss term is active.
     yy, xx = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
     centres = torch.rand(n, 2, generator=g) * r * 0.6 + r * 0.2
     radius = r * (0.05 + 0.1 * torch.rand(n, generator=g))
     dist2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
-    masks = dist2 <= radius[:, None, None] ** 2
-    imgs = imgs.to(device)
     if channels_last:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
-    return SyntheticBatch(
-        images=imgs,
-        expr_to_image=torch.arange(images).repeat_interleave(exprs_per_image).to(device),
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        masks=masks.to(device),
-    )
+    batch = Batch(images=imgs, masks=dist2 <= radius[:, None, None] ** 2,
+                  expr_to_image=torch.arange(images).repeat_interleave(exprs_per_image),
+                  input_ids=ids, attention_mask=torch.ones(n, tokens, dtype=torch.long),
+                  is_negative=torch.zeros(n, dtype=torch.bool), orig_sizes=torch.full((images, 2), r),
+                  categories=["synthetic"] * n, sample_ids=[(f"image{i // exprs_per_image}", i) for i in range(n)])
+    return batch.to(device)
 
 
 # --------------------------------------------------------------------------------------------------- timing
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -5,7 +5,7 @@
 Generates a temporary synthetic RISORS-format dataset at 800 px (what RISORS images are), then times a DataLoader
 with ``--workers`` workers (default 1: the per-worker rate including the hand-over to the main process) doing the
 full per-sample work: JPEG decode, RLE decode of the selected masks, resize, black-box augmentation, negatives,
-tokenisation, normalisation and collation into a Batch. Prints one JSON line: ``samples_per_s_per_worker`` is the
+tokenisation and collation into a Batch (uint8 images; the model normalises them). Prints one JSON line: ``samples_per_s_per_worker`` is the
 wall-clock rate; ``cpu_samples_per_s_per_worker`` divides by the CPU time actually spent, which is the number to
 trust on a machine shared with other jobs (see ``load_average_1min``).
 """
@@ -15,24 +15,19 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from rsam.data.batch import Collator
+from rsam.data.dataset import RISORSDataset
+from rsam.data.synthetic import generate
+from rsam.data.tokenizer import RSAMTokenizer
 
-from rsam.data.batch import Collator  # noqa: E402
-from rsam.data.risors import RISORSDataset  # noqa: E402
-from rsam.data.synthetic import generate  # noqa: E402
-from rsam.data.tokenizer import RSAMTokenizer  # noqa: E402
-
-
-def _default_vocab() -> str:
-    shared = os.environ.get("RSAM_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
-    return os.path.join(shared, "reference", "bert-base-uncased-vocab.txt")
+DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference",
+                             "bert-base-uncased-vocab.txt")
 
 
 def main() -> None:
@@ -45,7 +40,7 @@ def main() -> None:
     p.add_argument("--warmup-batches", type=int, default=2)
     p.add_argument("--workers", type=int, default=1, help="dataloader workers (0: in this process)")
     p.add_argument("--negative-ratio", type=float, default=1.0)
-    p.add_argument("--vocab", default=_default_vocab())
+    p.add_argument("--vocab", default=DEFAULT_VOCAB)
     args = p.parse_args()
     torch.set_num_threads(1)  # a dataloader worker runs single-threaded
 

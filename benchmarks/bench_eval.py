@@ -4,21 +4,19 @@
     python benchmarks/bench_eval.py --compile --channels-last
     python benchmarks/bench_eval.py --config configs/rsam_demo_cpu.yaml --iters 2    # CPU smoke test
 
-One step is the evaluation loop's forward (``training/trainer.py`` ``evaluate``): ``model.eval()``,
-``torch.no_grad()``, bf16 autocast, B images with k expressions each (default 32 x 1), full-resolution
-logits (N,1,R,R) produced. Metric accumulation is not included (it is a few reductions per expression).
+One step is the evaluation engine's forward (:func:`rsam.evaluation.eval_step`, what the trainer's validation,
+``training/eval.py`` and this benchmark all run): ``model.eval()``, ``torch.no_grad()``, bf16 autocast, uint8
+images, B images with k expressions each (default 32 x 1), full-resolution logits (N,1,R,R) produced. Metric
+accumulation is not included (it is a few reductions per expression).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_utils as U
+import torch
 
-import torch  # noqa: E402
-
-import _bench_utils as U  # noqa: E402
+from rsam.evaluation import eval_step
 
 
 def main(argv=None) -> dict:
@@ -43,10 +41,8 @@ def main(argv=None) -> dict:
     def make_step(net):
         @torch.no_grad()
         def step() -> None:
-            with U.autocast(device, setup.amp_dtype):
-                out = net(batch.images, batch.expr_to_image, batch.input_ids, batch.attention_mask)
-            # what the metrics consume; keeps the work from being skipped by anything lazy
-            out.logits.sum()
+            # the logits are what the metrics consume; summing them keeps the work from being skipped lazily
+            eval_step(net, batch, setup.amp_dtype).logits.sum()
         return step
 
     flops, timing, memory = U.measure(model, make_step, setup, args, device)

@@ -5,30 +5,25 @@
     python benchmarks/bench_train.py --images 16 --resolution 1024
     python benchmarks/bench_train.py --config configs/rsam_demo_cpu.yaml --iters 2   # CPU smoke test
 
-One step is exactly the trainer's (``training/trainer.py``): schedules set, bf16 autocast forward of
-``images`` (B,3,R,R) with B x k expressions of ``--tokens`` tokens, ``RSAMLoss`` from the config's ``loss:``
-node, backward, global L2 grad clip (``optim.gradient_clip``), AdamW over the config's parameter groups
-(fused on CUDA), ``zero_grad(set_to_none=True)``. Weights are random (no checkpoint files needed); the
-frozen/trainable split is the config's. Peak memory is measured over the timed steps after warm-up.
+One step is the trainer's own :class:`training.step.TrainStep`: schedules set, bf16 autocast forward of uint8
+``images`` (B,3,R,R) with B x k expressions of ``--tokens`` tokens, the config's ``loss:`` node, backward, global
+L2 grad clip (``optim.gradient_clip``), AdamW over the config's parameter groups (fused on CUDA),
+``zero_grad(set_to_none=True)``. Weights are random (no checkpoint files needed); the frozen/trainable split is
+the config's. Peak memory is measured over the timed steps after warm-up.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-
-import _bench_utils as U  # noqa: E402
+import _bench_utils as U
+import torch
 
 
 def build_training(cfg, model, device: torch.device):
     """Loss, optimizer and clip value as the trainer builds them from the config."""
     from hydra.utils import instantiate
 
-    from training.loss_fns import RSAMLoss
+    from rsam.losses import RSAMLoss
     from training.optimizer import OptimConfig, build_optimizer
 
     loss_fn = instantiate(cfg.loss) if cfg.get("loss") is not None else RSAMLoss()
@@ -68,18 +63,11 @@ def main(argv=None) -> dict:
           f"expressions x {args.tokens} tokens on {device}, {sum(p.numel() for p in trainable) / 1e6:.1f}M "
           f"trainable / {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
+    from training.step import TrainStep
+
     def make_step(net):
-        def step() -> None:
-            optim.set_progress(0.5)
-            with U.autocast(device, setup.amp_dtype):
-                out = net(batch.images, batch.expr_to_image, batch.input_ids, batch.attention_mask)
-                losses = loss_fn(out, batch.masks)
-            losses["core_loss"].backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(trainable, clip, foreach=True)
-            optim.step()
-            optim.zero_grad()
-        return step
+        train_step = TrainStep(net, loss_fn, optim, clip, setup.amp_dtype)
+        return lambda: train_step(batch, 0.5)
 
     flops, timing, memory = U.measure(model, make_step, setup, args, device)
     peak, peak_src = U.peak_tflops(device, args.peak_tflops)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session for issue 8: GPU tests, then the training / evaluation benchmarks at 800 px.
+# One prepared GPU session: GPU tests, then the training / evaluation benchmarks at 800 px.
 #
 #   1. here, with PyPI access (once per checkout; .whl/ is git-ignored):
 #        bash benchmarks/gpu_session.sh --fetch-wheels

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "ERROR_COLORS", "Caption", "draw_masks", "draw_errors", "mask_to_png"]
+if TYPE_CHECKING:  # comparison_panel works on tensors; everything else needs only numpy and Pillow
+    import torch
+
+__all__ = ["PALETTE", "ERROR_COLORS", "Caption", "draw_masks", "draw_errors", "mask_to_png", "comparison_panel"]
 
 Color = Tuple[int, int, int]
 
@@ -200,3 +203,24 @@ def draw_errors(
 def mask_to_png(mask: np.ndarray) -> Image.Image:
     """bool (H, W) -> 8-bit grey PNG image, 255 = foreground (viewable and lossless)."""
     return Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8))  # 2-D uint8 -> mode "L"
+
+
+def comparison_panel(image: "torch.Tensor", gt: "torch.Tensor", pred: "torch.Tensor") -> "torch.Tensor":
+    """TensorBoard panel: image | ground truth tinted green | prediction tinted red.
+
+    image (3, R, R) uint8 (the network input); gt, pred (h, w) bool at the scoring resolution (the image is
+    resized to it). Returns a (3, h, 3w) float tensor in [0, 1].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rgb = image.float()[None] / 255.0
+    if tuple(rgb.shape[-2:]) != tuple(gt.shape):
+        rgb = F.interpolate(rgb, size=tuple(gt.shape), mode="bilinear", align_corners=False).clamp(0, 1)
+    rgb = rgb[0]
+
+    def tint(mask: torch.Tensor, color: Color) -> torch.Tensor:
+        c = torch.tensor(color, dtype=rgb.dtype).view(3, 1, 1) / 255.0
+        return torch.where(mask[None], 0.5 * rgb + 0.5 * c, rgb)
+
+    return torch.cat([rgb, tint(gt.bool(), (0, 255, 0)), tint(pred.bool(), (255, 0, 0))], dim=2)

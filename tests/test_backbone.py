@@ -16,7 +16,7 @@ from rsam.modeling.backbones.hieradet import HIERA_PRESETS, Hiera, hiera_channel
 from rsam.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from rsam.modeling.position_encoding import PositionEmbeddingRandom, PositionEmbeddingSine
 
-ATOL = 1e-4  # README 1.7: float32 reimplementation with another op order stays within 1e-4
+ATOL = 1e-4  # tests/reference/README.md: float32 reimplementation with another op order stays within 1e-4
 
 
 def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float = ATOL) -> None:
@@ -159,7 +159,7 @@ def test_presets(name):
     assert all(windows[i] == 0 for i in cfg["global_att_blocks"])
     assert [blk.attn.num_heads for blk in trunk.blocks][-1] == cfg["num_heads"] * 8
     if name == "hiera_b+":
-        # sam2_framework.md 3.1: windows lag one block at stage transitions; q-pool blocks 2, 5, 21
+        # windows lag one block at stage transitions (a transition pools inside the previous window); q-pool blocks 2, 5, 21
         expected = [8] * 3 + [4] * 3 + [14] * 16 + [7] * 2
         for i in (12, 16, 20):
             expected[i] = 0

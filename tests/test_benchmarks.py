@@ -1,10 +1,11 @@
 """Benchmark harness (benchmarks/bench_train.py, bench_eval.py): FLOP counting, peak table, CPU smoke runs.
 
 The smoke runs use the demo model (configs/rsam_demo_cpu.yaml) at 64 px with a handful of steps; the GPU
-numbers of issue 8 come from benchmarks/gpu_session.sh on a lent GPU.
+numbers come from benchmarks/gpu_session.sh on a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +17,20 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
-sys.path.insert(0, BENCH)
 
-import _bench_utils as U  # noqa: E402
+
+def load_script(name: str):
+    """benchmarks/<name>.py as a module. They are scripts, not a package: registered under their own names,
+    as `python benchmarks/<name>.py` would find them (bench_*.py import _bench_utils)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+U = load_script("_bench_utils")
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "rsam_demo_cpu.yaml")
 SMOKE = ["--config", DEMO_CONFIG, "--resolution", "64", "--warmup", "1", "--iters", "2", "--tokens", "8",
@@ -105,8 +117,7 @@ def _check_record(record: dict, bench: str, images: int, exprs: int) -> None:
 
 
 def test_bench_train_and_eval_smoke(capsys):
-    import bench_eval
-    import bench_train
+    bench_eval, bench_train = load_script("bench_eval"), load_script("bench_train")
 
     train = bench_train.main(SMOKE + ["--images", "2", "--exprs-per-image", "3"])
     lines = capsys.readouterr().out.strip().splitlines()

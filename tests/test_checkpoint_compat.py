@@ -16,16 +16,15 @@ import pytest
 import torch
 import yaml
 
-from rsam.build import build_rsam, model_config
+from rsam.build import build_rsam, model_config, parameter_report
 from rsam.checkpoint import (
     OFFICIAL_VIDEO_LEFTOVERS,
     CheckpointError,
     detect_format,
-    load_checkpoint,
-    parameter_report,
+    load_weights,
 )
 
-LOGGER = "rsam.checkpoint"
+LOGGER = "rsam.checkpoint.weights"
 
 BERT_BASE = {
     "_target_": "rsam.modeling.text_encoder.build_bert",
@@ -126,7 +125,7 @@ def test_load_sam21_checkpoint(bplus, reference_file, tmp_path, caplog):
     before = {k: v.clone() for k, v in bplus.state_dict().items() if k.startswith(("sam_", "description"))}
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        report = load_checkpoint(bplus, path)
+        report = load_weights(bplus, path)
     ours = bplus.state_dict()
     enc_keys = [k for k in sd if k.startswith("image_encoder.")]
     assert report.format == "sam2" and sorted(report.loaded) == sorted(enc_keys) and len(enc_keys) == 306
@@ -141,7 +140,7 @@ def test_load_sam21_checkpoint(bplus, reference_file, tmp_path, caplog):
     # optionally take SAM 2.1's prompt encoder and mask decoder (the RSAM text PE has no counterpart)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        report = load_checkpoint(bplus, path, take_sam_heads=True)
+        report = load_weights(bplus, path, take_sam_heads=True)
     head_keys = [k for k in sd if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder."))]
     assert len(report.loaded) == 306 + 17 + 131
     assert same(bplus.state_dict(), sd, head_keys)
@@ -156,7 +155,7 @@ def test_load_official_rsam_checkpoint(bplus, reference_file, caplog):
     sd = fake_state_dict(official, seed=2)
     assert detect_format(sd) == "rsam"
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        report = load_checkpoint(bplus, {"model": sd, "epoch": 3})
+        report = load_weights(bplus, {"model": sd, "epoch": 3})
     kept = [k for k in sd if not is_leftover(k)]
     assert report.format == "rsam-official" and sum(report.dropped.values()) == 14
     assert report.dropped == {"maskmem_tpos_enc": 1, "no_mem_embed": 1, "no_mem_pos_enc": 1, "no_obj_ptr": 1,
@@ -171,16 +170,16 @@ def test_load_official_rsam_checkpoint(bplus, reference_file, caplog):
     missing.pop("description_transformer.layers.1.norm3.bias")
     missing["text_proj.weight"] = missing["text_proj.weight"] + 1
     with pytest.raises(CheckpointError, match=r"missing keys.*description_transformer\.layers\.1\.norm3\.bias"):
-        load_checkpoint(bplus, missing)
+        load_weights(bplus, missing)
     assert torch.equal(bplus.state_dict()["text_proj.weight"], state_before)
     extra = dict(sd, **{"sam_mask_decoder.extra_token.weight": torch.zeros(1, 256)})
     with pytest.raises(CheckpointError, match=r"unexpected keys.*sam_mask_decoder\.extra_token\.weight"):
-        load_checkpoint(bplus, extra)
+        load_weights(bplus, extra)
     bad = dict(sd, **{"text_proj.weight": torch.zeros(256, 512)})
     with pytest.raises(CheckpointError, match=r"text_proj\.weight: model expects \(256, 768\), checkpoint has \(256, 512\)"):
-        load_checkpoint(bplus, bad)
+        load_weights(bplus, bad)
     # strict=False tolerates missing keys (reported), never unexpected ones
-    report = load_checkpoint(bplus, {k: v for k, v in sd.items() if not k.startswith("text_proj.")}, strict=False)
+    report = load_weights(bplus, {k: v for k, v in sd.items() if not k.startswith("text_proj.")}, strict=False)
     assert sorted(report.missing) == ["text_proj.bias", "text_proj.weight"]
 
 
@@ -226,13 +225,13 @@ def test_build_from_yaml_with_official_and_own_checkpoint(tiny_node, golden_tiny
     caplog.clear()
     fresh = build_rsam(tiny_node)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        report = load_checkpoint(fresh, ours_path)
+        report = load_weights(fresh, ours_path)
     assert report.format == "rsam" and report.dropped == {} and not caplog.records
     assert all(torch.equal(v, golden_sd[k]) for k, v in fresh.state_dict().items())
 
     # DDP- and torch.compile-wrapped names are accepted, whichever wrapper came first
     for prefix in ("module.", "module._orig_mod.", "_orig_mod.module."):
-        report = load_checkpoint(fresh, {"model": {prefix + k: v for k, v in model.state_dict().items()}})
+        report = load_weights(fresh, {"model": {prefix + k: v for k, v in model.state_dict().items()}})
         assert report.format == "rsam" and report.loaded == sorted(model.state_dict()), prefix
 
 
@@ -262,7 +261,7 @@ def test_load_raw_bert_bin(tiny, tiny_node, tmp_path, caplog):
     assert any(k.endswith("gamma") for k in raw) and "bert.pooler.dense.weight" in raw
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        report = load_checkpoint(tiny, path)
+        report = load_weights(tiny, path)
     assert report.format == "bert" and len(report.loaded) == 5 + 2 * 16
     assert report.dropped == {"cls": 3, "pooler": 2, "position_ids": 1}
     ours = tiny.text_encoder.state_dict()
@@ -282,7 +281,7 @@ def test_load_hf_bert_directory(tiny, tiny_node, tmp_path, head):
         bert = src.bert
     src.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
-    report = load_checkpoint(tiny, tmp_path)
+    report = load_weights(tiny, tmp_path)
     assert report.format == "bert" and len(report.loaded) == 5 + 2 * 16
     ours = tiny.text_encoder.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in bert.state_dict().items() if not k.startswith("pooler."))
@@ -294,34 +293,52 @@ def test_hf_bert_directory_errors(tiny, tiny_node, tmp_path):
     cfg = {k: v for k, v in tiny_node["text_encoder"].items() if k != "_target_"}
     BertModel(BertConfig(**{**cfg, "hidden_size": 32}), add_pooling_layer=False).save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match=r"config\.json.*hidden_size: model 64, config\.json 32"):
-        load_checkpoint(tiny, tmp_path / "other")
+        load_weights(tiny, tmp_path / "other")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_checkpoint(tiny, tmp_path / "empty")
+        load_weights(tiny, tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
-        load_checkpoint(tiny, tmp_path / "empty")
+        load_weights(tiny, tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"empty[/\\]config\.json: not valid JSON"):
-        load_checkpoint(tiny, tmp_path / "empty")
+        load_weights(tiny, tmp_path / "empty")
 
 
 def test_bad_paths_and_configs(tiny, tmp_path):
     missing = tmp_path / "nope" / "checkpoint.pt"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        load_checkpoint(tiny, missing)
-    with pytest.raises(FileNotFoundError, match="model config not found"):
+        load_weights(tiny, missing)
+    with pytest.raises(FileNotFoundError, match="config not found"):
         build_rsam(tmp_path / "missing.yaml")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pt"):
-        load_checkpoint(tiny, garbage)
+        load_weights(tiny, garbage)
     # bytes on which torch.load trips with a bare KeyError / EOFError: still an error naming the file
     for content in (b"hello\n", b""):
         garbage.write_bytes(content)
         with pytest.raises(CheckpointError, match=r"garbage\.pt: not a readable torch file"):
-            load_checkpoint(tiny, garbage)
+            load_weights(tiny, garbage)
     with pytest.raises(CheckpointError, match="state dict"):
-        load_checkpoint(tiny, {"model": {}})
+        load_weights(tiny, {"model": {}})
     with pytest.raises(KeyError, match="model"):
         model_config({"trainer": {}})
+
+
+class _Payload:
+    """Unpickling this would call ``os.system``: a file holding it must be refused, never run."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_files_with_python_objects_are_refused_without_running_them(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": tiny.state_dict(), "extra": _Payload()}, hostile)
+    with pytest.raises(CheckpointError, match=r"hostile\.pt: holds Python objects .* never unpickles"):
+        load_weights(tiny, hostile)
+    assert not (tmp_path / "PWNED").exists()

@@ -15,7 +15,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +133,11 @@ def test_cpu_matches_scipy(kind, shape):
 
 
 @needs_scipy
-def test_cpu_800px_is_fast_and_correct():
+def test_cpu_800px_is_correct():
+    # speed is benchmarks/bench_cc.py's business, not a test's
     masks = make_masks("noise", 1, 800, 800)
-    start = time.perf_counter()
     labels, areas = connected_components(masks)
-    elapsed = time.perf_counter() - start
     assert_matches_scipy(masks, labels, areas)
-    assert elapsed < 5.0, f"CPU fallback took {elapsed:.2f} s on 800x800 noise"
 
 
 def test_batch_is_labelled_per_image():

@@ -15,25 +15,13 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from rsam.data.batch import Batch, Collator, ImageSample, cap_expressions
-from rsam.data.risors import (
-    DataError,
-    RISORSDataset,
-    ShardedEvalSampler,
-    TrainSampler,
-    build_eval_loader,
-    build_train_loader,
-)
+from rsam.data.dataset import RISORSDataset
+from rsam.data.errors import DataError
+from rsam.data.loaders import build_eval_loader, build_train_loader
+from rsam.data.samplers import ShardedEvalSampler, TrainSampler
 from rsam.data.synthetic import generate, resolve
 from rsam.data.tokenizer import RSAMTokenizer
-from rsam.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EvalTransform,
-    Normalize,
-    TrainTransform,
-    paint_black_boxes,
-    swap_left_right,
-)
+from rsam.data.transforms import EvalTransform, TrainTransform, paint_black_boxes, swap_left_right
 
 VOCAB = "bert-base-uncased-vocab.txt"
 # pycocotools (<= 2.0.8) calls np.array(copy=False) on its own buffer objects, which numpy 2 deprecates.
@@ -283,7 +271,8 @@ def _test_masks() -> List[np.ndarray]:
 
 
 def test_rle_decoder_matches_pycocotools(tmp_path):
-    from rsam.data.risors import FAST_RLE_MAX_CHARS, Annotation, RISORSReader, fill_rle, rle_counts
+    from rsam.data.risors import Annotation, RISORSReader
+    from rsam.data.rle import FAST_RLE_MAX_CHARS, fill_rle, rle_counts
 
     masks = _test_masks()
     rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
@@ -369,7 +358,7 @@ def test_negatives_reproducible_and_different_across_workers(category_dataset):
     assert a == draws(seed=1, workers=2)  # whatever the number of workers
     assert a != draws(seed=2, workers=0)
     assert a != draws(seed=1, workers=0, epoch=1)  # a new epoch draws anew
-    # Official bug B1: every worker replayed the same random sequence. Here the two workers' sequences of
+    # docs/official_differences.md, B1: every worker replayed the same random sequence. Here the two workers' sequences of
     # draws (worker w gets samples w, w+2, ...) must differ.
     per_worker = [[len(n) for _, n in a[w::2]] for w in range(2)]
     assert per_worker[0] != per_worker[1]
@@ -497,7 +486,7 @@ def _square_image(size=(64, 64), y=16, x=24, s=16):
 def test_transforms_keep_masks_binary_and_aligned(resolution):
     img, mask = _square_image()
     scale = resolution / 64
-    for transform in (EvalTransform(resolution, normalize=False), TrainTransform(resolution, 0.0, normalize=False)):
+    for transform in (EvalTransform(resolution), TrainTransform(resolution, 0.0)):
         image, masks, texts = transform(img, mask, ["x"], np.random.default_rng(0))
         assert image.dtype == torch.uint8 and image.shape == (3, resolution, resolution)
         assert masks.dtype == torch.bool and masks.shape == (1, resolution, resolution)
@@ -509,15 +498,13 @@ def test_transforms_keep_masks_binary_and_aligned(resolution):
         assert (dark == masks[0]).float().mean() > 0.98  # image and mask stay aligned
 
 
-def test_eval_transform_normalises_and_is_deterministic():
+def test_eval_transform_keeps_pixels_and_is_deterministic():
     img, mask = _square_image()
     t = EvalTransform(64)
     a, ma, _ = t(img, mask, ["x"])
     b, mb, _ = t(img, mask, ["x"])
     assert torch.equal(a, b) and torch.equal(ma, mb) and torch.equal(ma, torch.from_numpy(mask))
-    expected = (200 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(a[:, 0, 0], expected)
-    torch.testing.assert_close(Normalize()(torch.from_numpy(img).permute(2, 0, 1)), a)
+    assert a.dtype == torch.uint8 and torch.equal(a, torch.from_numpy(img).permute(2, 0, 1))
 
 
 def test_black_boxes_bounded_per_axis_and_masks_untouched():
@@ -532,7 +519,7 @@ def test_black_boxes_bounded_per_axis_and_masks_untouched():
     assert (black.sum(0)[black.any(0)] >= 32).all() and (black.sum(1)[black.any(1)] >= 32).all()
     assert black[:, 68:].any()  # and they reach the far end of the long axis
     img, mask = _square_image()
-    t = TrainTransform(64, black_box_prob=1.0, normalize=False)
+    t = TrainTransform(64, black_box_prob=1.0)
     out, masks, _ = t(img, mask, ["x"], np.random.default_rng(1))
     assert (out == 0).all(0).sum() >= 32 * 32 and torch.equal(masks, torch.from_numpy(mask))
 
@@ -542,7 +529,7 @@ def test_flip_swaps_left_and_right():
         "the Right-most ship, right of the LEFT tank (east)"
     )
     img, mask = _square_image()
-    t = TrainTransform(64, black_box_prob=0.0, hflip_prob=1.0, normalize=False)
+    t = TrainTransform(64, black_box_prob=0.0, hflip_prob=1.0)
     image, masks, texts = t(img, mask, ["the plane on the left"], np.random.default_rng(0))
     assert texts == ["the plane on the right"]
     assert torch.equal(masks[0], torch.from_numpy(mask[0][:, ::-1].copy()))
@@ -587,7 +574,7 @@ def test_collate_batch_fields(synthetic, tokenizer):
     ds = RISORSDataset(str(root), "train", training=True, resolution=64, negative_ratio=1.0, seed=0)
     batch = Collator(tokenizer, 24)([ds[(i, 0)] for i in range(4)])
     n = batch.num_expressions
-    assert batch.images.shape == (4, 3, 64, 64) and batch.images.dtype == torch.float32
+    assert batch.images.shape == (4, 3, 64, 64) and batch.images.dtype == torch.uint8
     assert batch.masks.shape == (n, 64, 64) and batch.masks.dtype == torch.bool
     assert batch.input_ids.shape == batch.attention_mask.shape and batch.input_ids.shape[0] == n
     assert batch.input_ids.dtype == torch.long and (batch.input_ids[:, 0] == 101).all()
@@ -595,9 +582,31 @@ def test_collate_batch_fields(synthetic, tokenizer):
     assert len(batch.categories) == len(batch.sample_ids) == n
     assert not batch.masks[batch.is_negative].any() and batch.masks[~batch.is_negative].flatten(1).any(1).all()
     assert all((aid < 0) == neg for (_, aid), neg in zip(batch.sample_ids, batch.is_negative.tolist()))
-    assert batch.images.abs().max() < 3  # normalised, not raw bytes
+    assert torch.equal(batch.images[0], ds[(0, 0)].image)  # raw bytes: the model normalises them
     per_image = [ds[(i, 0)].num_expressions for i in range(4)]
     assert torch.bincount(batch.expr_to_image, minlength=4).tolist() == per_image
+
+
+
+def _batch_fields(images=None, expr_to_image=None, n=3):
+    return dict(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8) if images is None else images,
+                masks=torch.zeros(n, 8, 8, dtype=torch.bool),
+                expr_to_image=torch.tensor([0, 1, 1]) if expr_to_image is None else expr_to_image,
+                input_ids=torch.ones(n, 4, dtype=torch.long), attention_mask=torch.ones(n, 4, dtype=torch.long),
+                is_negative=torch.zeros(n, dtype=torch.bool), orig_sizes=torch.full((2, 2), 8),
+                categories=["ship"] * n, sample_ids=[("a", i) for i in range(n)])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(expr_to_image=torch.tensor([0, 2, 1])), "must index the 2 images"),
+    (dict(expr_to_image=torch.tensor([-1, 0, 1])), "must index the 2 images"),
+    (dict(images=torch.zeros(2, 3, 8, 8)), "must be uint8"),
+    (dict(expr_to_image=torch.tensor([0, 1])), "expr_to_image has 2 rows for 3 expressions"),
+])
+def test_batch_rejects_inconsistent_fields(change, message):
+    Batch(**_batch_fields())  # the unchanged fields are valid
+    with pytest.raises(ValueError, match=message):
+        Batch(**_batch_fields(**change))
 
 
 # ------------------------------------------------------------------------------------------------ samplers

@@ -15,10 +15,9 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "training"))
+from training import demo
 
-import demo  # noqa: E402  (training/demo.py)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESOLUTION = 64
 

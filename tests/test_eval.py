@@ -1,4 +1,4 @@
-"""training/eval.py and rsam.evaluation.evaluator on a tiny random checkpoint and a synthetic split (CPU).
+"""training/eval.py and the evaluation engine (rsam.evaluation) on a tiny random checkpoint and a synthetic split.
 
 What is checked: 1 process and 2 processes (gloo) give identical metrics on a split of 5 images (a padded
 DistributedSampler would score one image twice) and each process scores a disjoint share; metrics.json
@@ -44,10 +44,10 @@ def setup(tmp_path_factory):
 
 
 def run_eval(setup, *extra, out=None):
-    from training.eval import main
+    from training.eval import evaluate_cli
 
     out = out or str(setup["tmp"] / f"out_{abs(hash(extra))}")
-    return main(["--checkpoint", str(setup["ckpt"]), "--num-gpus", "0", "--threads", "1", "--no-progress",
+    return evaluate_cli(["--checkpoint", str(setup["ckpt"]), "--num-gpus", "0", "--threads", "1", "--no-progress",
                  "--out", out, *extra])
 
 
@@ -60,7 +60,7 @@ def load_dataset(setup):
 def test_one_and_two_processes_identical(setup):
     single = run_eval(setup, "--convention", "official", out=str(setup["tmp"] / "one"))
     out2 = setup["tmp"] / "two"
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH="")  # the installed package, nothing else
     proc = subprocess.run(
         [sys.executable, str(EVAL_SCRIPT), "--checkpoint", str(setup["ckpt"]), "--num-gpus", "0", "--num-procs",
          "2", "--threads", "1", "--no-progress", "--convention", "official", "--out", str(out2)],
@@ -88,8 +88,8 @@ def test_one_and_two_processes_identical(setup):
 def _loader(setup, original: bool):
     from hydra.utils import instantiate
 
-    from rsam.data.risors import build_eval_loader
-    from rsam.evaluation.evaluator import EvalCollator, EvalDataset
+    from rsam.data.loaders import build_eval_loader
+    from rsam.evaluation.inputs import EvalCollator, EvalDataset
 
     collate = instantiate(setup["config"]["data"]["test"]["collate"])
     return build_eval_loader(EvalDataset(load_dataset(setup), original_masks=original), EvalCollator(collate),
@@ -98,14 +98,14 @@ def _loader(setup, original: bool):
 
 @pytest.fixture(scope="module")
 def model(setup):
-    from rsam.predictor import load_model
+    from rsam.build import build_from_checkpoint
 
-    return load_model(setup["ckpt"], device="cpu")[0]
+    return build_from_checkpoint(setup["ckpt"], device="cpu")[0]
 
 
 def test_convention_decides_foreground(setup, model):
     """The loop thresholds like the convention says, and the metrics are those of the scored expressions."""
-    from rsam.evaluation.evaluator import evaluate
+    from rsam.evaluation import evaluate
 
     for name in ("standard", "official"):
         seen = []
@@ -118,13 +118,14 @@ def test_convention_decides_foreground(setup, model):
         batch, extras = next(iter(_loader(setup, False)))
         with torch.no_grad():
             out = model(batch.images, batch.expr_to_image, batch.input_ids, batch.attention_mask)
+        assert torch.equal(first.image, batch.images[batch.expr_to_image[0]])
         logits = out.logits[0, 0]
         assert torch.equal(first.pred, logits > 0 if name == "standard" else logits >= 0.5)
         assert first.text == extras.texts[0] and first.sample_id == tuple(batch.sample_ids[0])
     # a loader of plain Batch objects (the trainer's) gives the same numbers
     from hydra.utils import instantiate
 
-    from rsam.data.risors import build_eval_loader
+    from rsam.data.loaders import build_eval_loader
 
     plain = build_eval_loader(load_dataset(setup), instantiate(setup["config"]["data"]["test"]["collate"]),
                               batch_size=2, num_workers=0, rank=0, world_size=1)
@@ -132,7 +133,7 @@ def test_convention_decides_foreground(setup, model):
 
 
 def test_original_resolution(setup, model):
-    from rsam.evaluation.evaluator import evaluate
+    from rsam.evaluation import evaluate
 
     seen = []
     result = evaluate(model, _loader(setup, True), "standard", resolution="original", progress=False,
@@ -155,7 +156,7 @@ def test_original_resolution(setup, model):
 
 @pytest.mark.parametrize("resolution", ["network", "original"])
 def test_save_predictions_and_rescore(setup, resolution):
-    from training.eval import main
+    from training.eval import evaluate_cli
 
     pred_dir = setup["tmp"] / f"pred_{resolution}"
     out = str(setup["tmp"] / f"vis_{resolution}")
@@ -174,7 +175,7 @@ def test_save_predictions_and_rescore(setup, resolution):
     assert len(vis) == 4 and sum(f.endswith("_errors.png") for f in vis) == 2
     Image.open(os.path.join(out, "vis", vis[0])).load()
 
-    rescored = main(["--rescore", str(pred_dir)])
+    rescored = evaluate_cli(["--rescore", str(pred_dir)])
     assert rescored["metrics"] == record["metrics"]
     assert json.loads((pred_dir / "metrics_rescored.json").read_text())["metrics"] == record["metrics"]
 
@@ -201,3 +202,28 @@ def test_clear_errors(setup, capsys, tmp_path):
     _expect_exit(capsys, base + ["-c", str(TINY_CONFIG), "scratch.resolution=64", "model.mlp_dim=128"],
                  "does not fit the model", "model.mlp_dim: checkpoint 256, config 128")
     _expect_exit(capsys, ["--rescore", str(tmp_path)], "predictions.json not found")
+
+
+def test_evaluator_reuses_its_loader_and_matches_the_loop(setup, model):
+    """The trainer's path: one Evaluator per split, run after run on the same loader, same numbers as evaluate()."""
+    from hydra.utils import instantiate
+
+    from rsam.evaluation import Evaluator, evaluate
+
+    evaluator = Evaluator(load_dataset(setup), instantiate(setup["config"]["data"]["test"]["collate"]),
+                          batch_size=2, convention="standard", progress=False, name="test")
+    loader = evaluator.loader
+    first, second = evaluator.run(model), evaluator.run(model)
+    assert evaluator.loader is loader and first.metrics == second.metrics
+    assert first.metrics == evaluate(model, _loader(setup, False), "standard", progress=False).metrics
+
+
+def test_cli_exit_status(setup, tmp_path):
+    """`python training/eval.py` (and the installed rsam-eval) exit 0 on success, 2 on bad input."""
+    base = [sys.executable, str(EVAL_SCRIPT), "--checkpoint", str(setup["ckpt"]), "--num-gpus", "0", "--threads",
+            "1", "--no-progress", "--out", str(tmp_path / "ok")]
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "ok" / "metrics.json").is_file()
+    bad = subprocess.run(base + ["--split", "nosuch"], capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert bad.returncode == 2 and "no data.nosuch section" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,7 +1,7 @@
 """RSAM model: parity with the official code (golden_tiny.pt), padding, freezing, gating, input checks, bf16.
 
-The golden-file tests use the ``golden_tiny`` / ``reference_file`` fixtures of conftest.py (shared folder);
-everything else builds a tiny model here and needs no reference data.
+The golden-file tests use the ``golden_tiny`` / ``reference_file`` fixtures of conftest.py (tests/reference/);
+everything else builds a tiny model here.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from rsam.modeling.position_encoding import PositionEmbeddingSine
 from rsam.modeling.rsam import NO_OBJ_SCORE, RSAM
 from rsam.modeling.text_encoder import build_bert
 from rsam.tools import verify_reference as vr
+from rsam.tools.intermediates import capture_intermediates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,9 @@ def tiny_rsam(image_size: int = 128, **kwargs) -> RSAM:
 
 
 def tiny_batch(image_size: int = 128, lengths=(5, 3, 7)):
-    """2 images, 3 expressions -> images, expr_to_image, right-padded input_ids, attention_mask."""
+    """2 images, 3 expressions -> uint8 images, expr_to_image, right-padded input_ids, attention_mask."""
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, image_size, image_size, generator=g)
+    images = torch.randint(0, 256, (2, 3, image_size, image_size), generator=g, dtype=torch.uint8)
     length = max(lengths)
     ids = torch.zeros(len(lengths), length, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -61,6 +62,11 @@ def golden_batch(golden: dict):
     return inputs["images"], inputs["flat_obj_to_img_idx"].long(), inputs["input_ids"], inputs["attention_mask"]
 
 
+def golden_forward(model: RSAM, images, expr_to_image, ids, mask):
+    """The forward pass on the golden file's images, which are stored already normalised."""
+    return model.decode(model.encode_image(images, normalized=True), expr_to_image, ids, mask)
+
+
 @pytest.fixture(scope="module")
 def golden_model(golden_tiny):
     """Our model built from golden_tiny.pt's config and weights (float32, eval). Copy before changing it."""
@@ -72,7 +78,7 @@ def golden_model(golden_tiny):
 
 
 def test_golden_parity(golden_tiny):
-    """Every stored intermediate and output matches the official forward pass (README 1.7 tolerances)."""
+    """Every stored intermediate and output matches the official forward pass (tolerances in tests/reference/README.md)."""
     notes = []
     rows, ok = vr.check_forward(golden_tiny, notes)
     failed = [r for r in rows if not (r[-1] == "PASS" or r[-1].startswith("n/a"))]
@@ -172,12 +178,12 @@ def test_text_padding_mask_makes_outputs_independent_of_padding(golden_model, go
     solo = golden_tiny["batch_composition"]  # the official model, one expression at a time, unpadded
     with torch.no_grad():
         model.use_text_padding_mask = True
-        with model.capture_intermediates() as cap:
-            out = model(images, expr_to_image, ids, mask)
+        with capture_intermediates(model) as cap:
+            out = golden_forward(model, images, expr_to_image, ids, mask)
             cls_masked = cap["fusion.out_cls"].clone()
         model.use_text_padding_mask = False
-        official = model(images, expr_to_image, ids, mask)
-        features = model.encode_image(images)
+        official = golden_forward(model, images, expr_to_image, ids, mask)
+        features = model.encode_image(images, normalized=True)
         for j in range(ids.shape[0]):
             n = int(mask[j].sum())
             alone = model.decode(features, expr_to_image[j:j + 1], ids[j:j + 1, :n], mask[j:j + 1, :n])
@@ -202,7 +208,7 @@ def test_gating_is_exact(golden_model, golden_tiny):
     model = copy.deepcopy(golden_model)
     images, expr_to_image, ids, mask = golden_batch(golden_tiny)
     with torch.no_grad():
-        out = model(images, expr_to_image, ids, mask)
+        out = golden_forward(model, images, expr_to_image, ids, mask)
     assert out.logits.dtype == torch.float32 and out.low_res_logits.dtype == torch.float32
     gated = out.object_score_logits[:, 0] <= 0
     assert gated.tolist() == [True, False, False]
@@ -214,11 +220,11 @@ def test_gating_is_exact(golden_model, golden_tiny):
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        zero = model(images, expr_to_image, ids, mask)
+        zero = golden_forward(model, images, expr_to_image, ids, mask)
         assert (zero.object_score_logits == 0).all()
         assert (zero.logits == NO_OBJ_SCORE).all() and (zero.low_res_logits == NO_OBJ_SCORE).all()
         head.bias.fill_(1e-3)
-        kept = model(images, expr_to_image, ids, mask)
+        kept = golden_forward(model, images, expr_to_image, ids, mask)
     assert not (kept.logits == NO_OBJ_SCORE).any()
 
 
@@ -234,7 +240,7 @@ def test_frozen_text_encoder_no_grad_and_eval_mode():
     assert all(not m.training for m in model.text_encoder.modules())
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     images, expr_to_image, ids, mask = tiny_batch()
-    with model.capture_intermediates() as cap:
+    with capture_intermediates(model) as cap:
         out = model(images, expr_to_image, ids, mask)
         bert_out = cap["bert.last_hidden_state"]
         again = model.encode_text(ids, mask)
@@ -283,9 +289,13 @@ def test_bad_inputs_give_clear_errors():
     model = tiny_rsam().eval()
     images, expr_to_image, ids, mask = tiny_batch()
     with pytest.raises(ValueError, match=r"image_size=128"):
-        model(torch.zeros(2, 3, 96, 96), expr_to_image, ids, mask)
+        model(torch.zeros(2, 3, 96, 96, dtype=torch.uint8), expr_to_image, ids, mask)
     with pytest.raises(ValueError, match=r"\(B, 3, 128, 128\)"):
-        model(torch.zeros(2, 1, 128, 128), expr_to_image, ids, mask)
+        model(torch.zeros(2, 1, 128, 128, dtype=torch.uint8), expr_to_image, ids, mask)
+    with pytest.raises(ValueError, match=r"images must be uint8 pixels.*normalized=True"):
+        model(images.float(), expr_to_image, ids, mask)
+    with pytest.raises(ValueError, match=r"normalized images must be a float tensor"):
+        model.encode_image(images, normalized=True)
     with pytest.raises(ValueError, match=r"expr_to_image values must be in \[0, 1\].*max 2"):
         model(images, torch.tensor([0, 1, 2]), ids, mask)
     with pytest.raises(ValueError, match=r"expr_to_image values.*min -1"):
@@ -321,25 +331,56 @@ def test_bf16_autocast_forward_backward():
     assert model.description_transformer.final_attn_token_to_image.k_proj.weight.grad.abs().sum() > 0
 
 
+def test_normalisation_is_owned_by_the_model():
+    """uint8 in, (x / 255 - mean) / std inside; the constants are buffers that are not saved."""
+    model = tiny_rsam().eval()
+    images, expr_to_image, ids, mask = tiny_batch()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.preprocess(images), (images.float() / 255 - mean) / std, rtol=0, atol=2e-6)
+    assert not any(k.startswith("pixel_") for k in model.state_dict())
+    with torch.no_grad():
+        out = model(images, expr_to_image, ids, mask)
+        ref = model.decode(model.encode_image(model.preprocess(images), normalized=True), expr_to_image, ids, mask)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+
+
+def test_training_forward_and_loss_have_no_host_sync():
+    """On the meta device every value read back to the host (item, tolist, bool, nonzero ...) raises, so this
+    fails if the model's forward, BERT's mask handling or the loss ever wait for the device."""
+    from rsam.losses import RSAMLoss
+
+    with torch.device("meta"):
+        model = tiny_rsam(use_text_padding_mask=True).train()
+    images, expr_to_image, ids, mask = (t.to("meta") for t in tiny_batch())
+    out = model(images, expr_to_image, ids, mask)
+    losses = RSAMLoss(reduce_across_ranks=False)(out, torch.zeros(3, 128, 128, dtype=torch.bool, device="meta"))
+    losses["core_loss"].backward()
+    assert out.logits.shape == (3, 1, 128, 128) and out.logits.device.type == "meta"
+    assert model.text_proj.weight.grad is not None
+    # a host read does raise here: the test would notice one
+    with pytest.raises(RuntimeError, match="meta"):
+        out.logits.sum().item()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_forward_host_syncs():
-    """Image encoder, fusion and decoder queue without host syncs; the forward's only own sync is the
-    expr_to_image range check (BERT's mask code in transformers adds its own)."""
+def test_cuda_forward_has_no_host_sync():
+    """The whole training forward (BERT included) and the loss queue without a host sync on a GPU."""
+    from rsam.losses import RSAMLoss
+
     model = tiny_rsam(use_text_padding_mask=True).cuda().train()
     images, expr_to_image, ids, mask = (t.cuda() for t in tiny_batch())
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        text = model.encode_text(ids, mask)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = model._decode(model.encode_image(images), expr_to_image, text, mask)
-            loss = out.logits.sigmoid().mean() + out.iou_pred.mean() + out.object_score_logits.mean()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert out.logits.dtype == torch.float32 and out.iou_pred.dtype == torch.float32
+    gt = torch.zeros(3, 128, 128, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images, expr_to_image, ids, mask)
+            loss = RSAMLoss(reduce_across_ranks=False)(out, gt)["core_loss"]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.logits.dtype == torch.float32 and out.iou_pred.dtype == torch.float32
     loss.backward()
-    with pytest.raises(ValueError, match=r"expr_to_image values must be in \[0, 1\].*max 2"):
-        model(images, torch.tensor([0, 1, 2], device="cuda"), ids, mask)
 
 
 def test_import_rsam_is_lazy():

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rsam.data.transforms import EvalTransform
-from rsam.predictor import ConfigMismatchError, ImageInputError, RSAMPredictor, load_image
+from rsam.build import ConfigMismatchError
+from rsam.data.images import ImageInputError, load_image
+from rsam.predictor import RSAMPredictor
 from tiny_rsam_setup import make_checkpoint, tiny_config, write_vocab
 
 TEXTS = ["the red ship", "the largest white building at the top left", "a vehicle"]
@@ -217,7 +219,9 @@ def test_checkpoint_config_mismatch(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         RSAMPredictor.from_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+    from rsam.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable torch file"):
         RSAMPredictor.from_checkpoint(tmp_path / "junk.pt")
 
 
@@ -230,12 +234,12 @@ def test_missing_vocab_is_named(setup, tmp_path):
 
 
 def test_cli_writes_masks_and_overlay(setup, tmp_path, capsys):
-    from rsam.tools.predict import main
+    from rsam.tools.predict import predict_cli
 
     image_file = tmp_path / "scene.png"
     Image.fromarray(setup["image"]).save(image_file)
     out = tmp_path / "out"
-    records = main(["--checkpoint", str(setup["ckpt"]), "--image", str(image_file), "--text", TEXTS[0],
+    records = predict_cli(["--checkpoint", str(setup["ckpt"]), "--image", str(image_file), "--text", TEXTS[0],
                     "--text", TEXTS[1], "--out", str(out), "--device", "cpu", "--fill-holes", "4"])
     printed = capsys.readouterr().out
     assert "overlay:" in printed and TEXTS[1] in printed
@@ -264,3 +268,23 @@ def test_cli_bad_input_message(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(setup["ckpt"]), "--image", str(bad), "--text", "x", "--out", str(tmp_path),
               "--fill-holes", "-1"])
+
+
+def test_cli_exit_status(setup, tmp_path):
+    """The installed rsam-predict exits 0 on success (and prints no Python list), 2 on a bad image."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("rsam-predict")
+    assert exe is not None, "rsam-predict is not installed (pip install -e .)"
+    image_file = tmp_path / "scene.png"
+    Image.fromarray(setup["image"]).save(image_file)
+    cmd = [exe, "--checkpoint", str(setup["ckpt"]), "--text", TEXTS[0], "--out", str(tmp_path / "out"),
+           "--device", "cpu", "--image"]
+    ok = subprocess.run(cmd + [str(image_file)], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stderr.strip() == "" and (tmp_path / "out" / "scene_overlay.png").is_file()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    failed = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and "bad.png: cannot read the image" in failed.stderr

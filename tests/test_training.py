@@ -208,14 +208,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, data_roo
 
     k = 17  # 14 steps per epoch: interrupted in the middle of the second epoch
     first = Trainer(make_cfg(tmp_path / "resumed", data_root, *overrides))
-    first.loss_fn = _SignalAtStep(first.loss_fn, k)
+    first.train_step.loss_fn = _SignalAtStep(first.loss_fn, k)
     first.run()
     first.close()
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "checkpoint.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (1, k)
+    assert (saved["epoch"], saved["step"], saved["iteration"]) == (1, k, k - 14)
 
     second = Trainer(make_cfg(tmp_path / "resumed", data_root, *overrides))
-    assert (second.epoch, second.step) == (1, k)
+    assert (second.progress.epoch, second.progress.step, second.progress.iteration) == (1, k, k - 14)
     second.run()
     second.close()
 
@@ -249,7 +249,7 @@ def test_non_finite_loss_stops_naming_step_and_terms(tmp_path, data_root):
             losses["core_loss"] = losses["core_loss"] + losses["loss_mask"]
         return losses
 
-    trainer.loss_fn = poisoned
+    trainer.train_step.loss_fn = poisoned
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(epoch 0, iteration 2\): "
                                                  r"loss_mask=nan, loss_dice=[0-9.]+, .*core_loss=nan"):
         trainer.run()
@@ -349,3 +349,63 @@ def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path):
     cfg = apply_flags(cfg, parse_args(["-c", TINY, "--use-cluster", "1", "--log-dir", str(tmp_path)]))
     with pytest.raises(SystemExit, match="pip install submitit"):
         train.launch_slurm(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer plan
+def _official_plan(model, where):
+    """The official trainer's lr / wd rules, written out independently of training/optimizer.py: AdamW groups
+    by name (image_encoder 3e-5 -> 3e-6, text_encoder 0, description_transformer / *description_pe* 5e-5 ->
+    2.5e-6, the rest 5e-5 -> 5e-6), cosine in the training progress, layer decay 0.9^(25 - id) inside
+    image_encoder.trunk (blocks.k: id k + 1, patch_embed: id 0, *pos_embed* exempt), weight decay 0 for names
+    containing "bias" and for torch.nn.LayerNorm parameters, 0.1 for everything else."""
+    layer_norm = {f"{m_name}.{p}" for m_name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+                  for p, _ in m.named_parameters(recurse=False)}
+    plan = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("image_encoder."):
+            start, end = 3e-5, 3e-6
+        elif name.startswith("text_encoder."):
+            start, end = 0.0, 0.0
+        elif name.startswith("description_transformer.") or "description_pe" in name:
+            start, end = 5e-5, 2.5e-6
+        else:
+            start, end = 5e-5, 5e-6
+        scale = 1.0
+        if name.startswith("image_encoder.trunk") and "pos_embed" not in name:
+            rest = name[len("image_encoder.trunk."):]
+            layer = int(rest.split(".")[1]) + 1 if rest.startswith("blocks.") else 0
+            scale = 0.9 ** (25 - layer)
+        wd = 0.0 if ("bias" in name or name in layer_norm) else 0.1
+        plan[name] = {"lr": [scale * (end + 0.5 * (start - end) * (1 + math.cos(math.pi * w))) for w in where],
+                      "wd": [wd] * len(where)}
+    return plan
+
+
+def _print_plan(config):
+    proc = subprocess.run([sys.executable, "training/train.py", "-c", config, "--num-gpus", "0",
+                           "--print-optim-plan"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_print_optim_plan_equals_the_official_trainer():
+    from hydra.utils import instantiate
+
+    official_cfg = str(REPO / "configs" / "rsam_b+_b_official.yaml")
+    plan = _print_plan(official_cfg)
+    assert plan["where"] == [0, 0.25, 0.5, 0.75, 1]
+    with torch.device("meta"):
+        model = instantiate(compose_config(official_cfg, []).model, _convert_="all")
+    expected = _official_plan(model, plan["where"])
+    assert list(plan["params"]) == list(expected)  # every trainable parameter, in model order
+    for name, ours in plan["params"].items():
+        assert ours["lr"] == pytest.approx(expected[name]["lr"], rel=1e-12, abs=0), name
+        assert ours["wd"] == expected[name]["wd"], name
+    # the one documented difference: the paper recipe also exempts LayerNorm2d (decoder upscaling) weights
+    recipe = _print_plan(BPLUS)["params"]
+    ln2d = "sam_mask_decoder.output_upscaling.1.weight"
+    assert plan["params"][ln2d]["wd"] == [0.1] * 5 and recipe[ln2d]["wd"] == [0.0] * 5
+    assert {n for n in recipe if recipe[n]["wd"] != plan["params"][n]["wd"]} == {ln2d}

@@ -34,8 +34,6 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 CONFIG = os.path.join(REPO, "configs", "rsam_demo_cpu.yaml")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0-4; [PAD] = 0 as BERT's pad id
@@ -53,7 +51,6 @@ def say(msg: str) -> None:
 def run_step(cmd: Sequence[str], what: str, log_path: Optional[str] = None, quiet: bool = False) -> None:
     """Run a project command; its output streams to the terminal (and to ``log_path``)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     say("  $ " + " ".join(_short(c) for c in cmd))

@@ -6,6 +6,7 @@
     python training/eval.py --checkpoint best.pt --num-gpus 0 --num-procs 2          # 2 CPU processes (gloo)
     python training/eval.py --checkpoint best.pt --save-vis 16 --save-predictions preds/
     python training/eval.py --rescore preds/                                         # no model, no GPU
+    rsam-eval --checkpoint best.pt --split test                                      # the same, installed
 
 Config: ``-c`` composes a YAML with the trailing Hydra overrides (e.g. ``scratch.val_batch_size=16``); without
 ``-c`` the config stored in the checkpoint is used, with the overrides applied to its resolved keys (e.g.
@@ -21,6 +22,9 @@ Outputs (``--out``, default ``<checkpoint folder>/eval_<checkpoint>_<split>_<con
 ``metrics.json`` (metrics + convention, resolution, split, timing); with ``--save-vis K`` the folder ``vis/``
 with K TP/FP/FN pictures and overlays. ``--save-predictions DIR`` writes one PNG mask per expression and
 ``predictions.json`` (scores, expression, sample id); ``--rescore DIR`` recomputes the metrics from them.
+
+Exit status: 0 on success, 2 for bad input (a one-line message names the file or setting), 1 otherwise.
+The evaluation itself is :class:`rsam.evaluation.Evaluator`, the same engine the trainer validates with.
 """
 from __future__ import annotations
 
@@ -31,11 +35,6 @@ import os
 import random
 import sys
 from typing import Any, Dict, Optional
-
-# `python training/eval.py` puts training/ (not the repo root) on sys.path.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
 LOG = logging.getLogger("rsam.eval")
 
@@ -88,9 +87,9 @@ def load_config(args: argparse.Namespace):
         from training.train import compose_config
 
         return compose_config(args.config, args.overrides)
-    from rsam.predictor import _read_checkpoint
+    from rsam.checkpoint import read_checkpoint
 
-    _, stored = _read_checkpoint(args.checkpoint)
+    stored = read_checkpoint(args.checkpoint).config
     if stored is None:
         raise EvalError(f"{args.checkpoint} holds no config (official or bare state dict): pass -c CONFIG")
     cfg = OmegaConf.create(stored)
@@ -151,11 +150,12 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Evaluate in this process (a rank of the group when distributed); returns the metrics.json dict on rank 0."""
     import torch
 
-    from rsam.data.risors import build_eval_loader
-    from rsam.evaluation.evaluator import EvalCollator, EvalDataset, PredictionWriter, VisualWriter, evaluate
-    from rsam.evaluation.metrics import MetricConvention, format_metrics
-    from rsam.predictor import load_model
-    from training import distributed as D
+    from rsam import distributed as D
+    from rsam.build import build_from_checkpoint
+    from rsam.checkpoint import read_checkpoint
+    from rsam.evaluation import Evaluator
+    from rsam.evaluation.metrics import format_metrics
+    from rsam.evaluation.writers import PredictionWriter, VisualWriter
 
     accelerator = cfg.trainer.get("accelerator", "cuda") if cfg.get("trainer") else "cuda"
     if args.num_gpus == 0:
@@ -168,21 +168,21 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s")
-        convention = MetricConvention.get(args.convention or _config_convention(cfg))
-        model, _ = load_model(args.checkpoint, cfg, device=info.device)
+        model, _ = build_from_checkpoint(read_checkpoint(args.checkpoint), cfg, device=info.device)
         model.requires_grad_(False)
 
         section = split_section(cfg, args.split)
         dataset = build_dataset(cfg, args.split)
         collate = _instantiate(section.collate, f"the {args.split} collate (data.{args.split}.collate)")
-        loader = build_eval_loader(
-            EvalDataset(dataset, original_masks=args.resolution == "original"), EvalCollator(collate),
-            batch_size=args.batch_size or int(section.get("batch_size", 1)),
-            num_workers=args.num_workers if args.num_workers is not None else int(section.get("num_workers", 0)),
-            rank=info.rank, world_size=info.world_size)
-
         amp = args.amp == "on" or (args.amp == "auto" and info.device.type == "cuda"
                                    and bool(cfg.get("trainer", {}).get("amp", {}).get("enabled", False)))
+        evaluator = Evaluator(
+            dataset, collate, batch_size=args.batch_size or int(section.get("batch_size", 1)),
+            num_workers=args.num_workers if args.num_workers is not None else int(section.get("num_workers", 0)),
+            convention=args.convention or _config_convention(cfg), resolution=args.resolution,
+            amp_dtype=torch.bfloat16 if amp else None, progress=not args.no_progress, name=args.split,
+            rank=info.rank, world_size=info.world_size, persistent_workers=False)
+        convention = evaluator.convention
         out_dir = args.out or default_out_dir(args, convention.name)
         callbacks = []
         writer = None
@@ -198,9 +198,7 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         LOG.info("evaluating %s on %s (%d images) with %d process(es) on %s, %s convention, %s resolution%s",
                  args.checkpoint, args.split, len(dataset), info.world_size, info.device, convention.name,
                  args.resolution, ", bf16 autocast" if amp else "")
-        result = evaluate(model, loader, convention, args.resolution, device=info.device,
-                          amp_dtype=torch.bfloat16 if amp else None, progress=not args.no_progress,
-                          callbacks=callbacks, desc=args.split)
+        result = evaluator.run(model, callbacks=callbacks, device=info.device)
         if writer is not None:
             writer.close(result.metrics)
         per_process = D.all_gather_object(result.local_expressions)  # shows that nothing was scored twice
@@ -249,8 +247,9 @@ def rescore_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``--rescore DIR``: metrics from written masks, against the dataset recorded in predictions.json."""
     from omegaconf import OmegaConf
 
-    from rsam.evaluation.evaluator import PREDICTIONS_JSON, rescore
     from rsam.evaluation.metrics import MetricConvention, format_metrics
+    from rsam.evaluation.rescore import rescore
+    from rsam.evaluation.writers import PREDICTIONS_JSON
 
     path = os.path.join(args.rescore, PREDICTIONS_JSON)
     if not os.path.isfile(path):
@@ -282,7 +281,7 @@ def rescore_main(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _user_message(exc: BaseException) -> Optional[str]:
     """The one-line message of an expected failure (bad input), None for a bug (keep the traceback)."""
-    from rsam.build import CheckpointError
+    from rsam.checkpoint import CheckpointError
 
     if isinstance(exc, (EvalError, FileNotFoundError, CheckpointError, KeyError, ValueError)):
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -309,7 +308,8 @@ def _spawned(local_rank: int, cfg_container: dict, args: argparse.Namespace, wor
     _guarded(run, OmegaConf.create(cfg_container), args)
 
 
-def main(argv=None) -> Optional[Dict[str, Any]]:
+def evaluate_cli(argv=None) -> Optional[Dict[str, Any]]:
+    """Everything ``main`` does; returns the metrics.json (or metrics_rescored.json) record."""
     args = parse_args(argv)
     if args.rescore is not None:
         return _guarded(rescore_main, args)
@@ -339,5 +339,11 @@ def main(argv=None) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def main(argv=None) -> int:
+    """Console entry point (``rsam-eval``): exit status 0 on success."""
+    evaluate_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

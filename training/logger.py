@@ -18,9 +18,6 @@ from tqdm import tqdm
 
 LOG = logging.getLogger("rsam.train")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class _TqdmHandler(logging.StreamHandler):
     """Console handler that prints through tqdm so log lines do not break an active progress bar."""
@@ -101,22 +98,7 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
                 leave=False, file=sys.stdout, mininterval=1.0)
 
 
-def overlay(image: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Side-by-side visual for TensorBoard: image | ground truth in green | prediction in red.
-
-    image (3,H,W) ImageNet-normalised; gt, pred (H,W) bool. Returns (3,H,3W) float in [0,1].
-    """
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    rgb = (image.float() * std + mean).clamp(0, 1)
-
-    def tint(mask: torch.Tensor, color) -> torch.Tensor:
-        c = torch.tensor(color, device=image.device, dtype=rgb.dtype).view(3, 1, 1)
-        return torch.where(mask[None], 0.5 * rgb + 0.5 * c, rgb)
-
-    return torch.cat([rgb, tint(gt, (0.0, 1.0, 0.0)), tint(pred, (1.0, 0.0, 0.0))], dim=2).cpu()
-
-
 def format_metrics(metrics: Dict[str, float], keys: Optional[list] = None) -> str:
+    """``"k1 0.1234  k2 0.5678"`` for ``keys`` (default all, sorted) that are in ``metrics``."""
     keys = keys or sorted(metrics)
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

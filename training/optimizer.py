@@ -6,8 +6,13 @@ Every trainable parameter gets three numbers:
   * an lr multiplier from layer decay, for parameters under ``layer_decay.prefix`` (the Hiera trunk):
     ``value ** (num_blocks + 1 - layer_id)`` with ``layer_id = i + 1`` for ``blocks.i`` and 0 for the patch
     embedding, and 1.0 for names matching ``layer_decay.exempt`` (the position embeddings);
-  * a weight decay: 0 for biases and for the parameters of normalisation layers, ``weight_decay`` otherwise.
+  * a weight decay: 0 for the parameters ``no_weight_decay`` exempts, ``weight_decay`` otherwise. The default
+    rule ``biases_and_norms`` exempts biases and every normalisation layer's parameters (``LayerNorm2d``
+    included); ``official`` reproduces the official trainer: names containing "bias" and ``torch.nn.LayerNorm``
+    parameters only (so ``LayerNorm2d`` weights, embeddings, tokens and position embeddings are decayed).
 Parameters sharing all three form one torch param group. Frozen parameters are left out entirely.
+
+``python training/train.py -c CONFIG --num-gpus 0 --print-optim-plan`` prints :func:`optim_plan`.
 
 Schedules are pure functions of the training progress ``p`` in [0, 1] (``p = step / total_steps``), written
 into the param groups before every step, so resuming needs only the step counter and no scheduler state.
@@ -50,6 +55,7 @@ class OptimConfig:
     eps: float = 1e-8
     gradient_clip: Optional[float] = 0.1  # max global L2 grad norm; None disables clipping
     layer_decay: LayerDecay = field(default_factory=LayerDecay)
+    no_weight_decay: str = "biases_and_norms"  # or "official" (see the module docstring)
     fused: Optional[bool] = None  # None: fused AdamW on CUDA, foreach on CPU
 
 
@@ -66,6 +72,11 @@ class GroupSchedule:
     weight_decay_end: float
     param_names: tuple
 
+    def at(self, progress: float) -> tuple:
+        """(lr, weight decay) of the group at training progress ``progress`` in [0, 1]."""
+        return (self.lr_scale * cosine(self.lr, self.lr_end, progress),
+                cosine(self.weight_decay, self.weight_decay_end, progress))
+
 
 def cosine(start: float, end: float, progress: float) -> float:
     """Half-cosine from ``start`` (progress 0) to ``end`` (progress 1); progress is clamped to [0, 1]."""
@@ -73,8 +84,13 @@ def cosine(start: float, end: float, progress: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
-def is_no_weight_decay(param_name: str, module: nn.Module) -> bool:
-    """Biases and every parameter of a normalisation layer (incl. custom ones such as LayerNorm2d)."""
+NO_WEIGHT_DECAY_RULES = ("biases_and_norms", "official")
+
+
+def is_no_weight_decay(param_name: str, module: nn.Module, rule: str = "biases_and_norms") -> bool:
+    """Whether the parameter ``param_name`` of ``module`` is exempt from weight decay under ``rule``."""
+    if rule == "official":
+        return "bias" in param_name or isinstance(module, nn.LayerNorm)
     if param_name.endswith("bias"):
         return True
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
@@ -118,6 +134,8 @@ def plan_param_groups(model: nn.Module, cfg: OptimConfig) -> List[GroupSchedule]
     """Split the trainable parameters of ``model`` into groups; validated to cover each exactly once."""
     if sum(r.patterns is None for r in cfg.param_groups) > 1:
         raise ValueError("optim.param_groups: at most one group may omit `patterns` (the default group)")
+    if cfg.no_weight_decay not in NO_WEIGHT_DECAY_RULES:
+        raise ValueError(f"optim.no_weight_decay must be one of {NO_WEIGHT_DECAY_RULES}, got {cfg.no_weight_decay!r}")
     if len({r.name for r in cfg.param_groups}) != len(cfg.param_groups):
         raise ValueError(f"optim.param_groups: duplicate group names in {[r.name for r in cfg.param_groups]}")
     owner = {}
@@ -130,7 +148,7 @@ def plan_param_groups(model: nn.Module, cfg: OptimConfig) -> List[GroupSchedule]
     groups: Dict[tuple, List[str]] = {}  # insertion order = model order, deterministic across restarts
     for name, _ in trainable:
         rule = _match_rule(name, cfg.param_groups)
-        wd = 0.0 if is_no_weight_decay(name, owner[name]) else cfg.weight_decay
+        wd = 0.0 if is_no_weight_decay(name, owner[name], cfg.no_weight_decay) else cfg.weight_decay
         groups.setdefault((rule.name, scales[name], wd), []).append(name)
 
     rules = {r.name: r for r in cfg.param_groups}
@@ -166,8 +184,7 @@ class ScheduledOptimizer:
 
     def set_progress(self, progress: float) -> None:
         for group, s in zip(self.optimizer.param_groups, self.schedules):
-            group["lr"] = s.lr_scale * cosine(s.lr, s.lr_end, progress)
-            group["weight_decay"] = cosine(s.weight_decay, s.weight_decay_end, progress)
+            group["lr"], group["weight_decay"] = s.at(progress)
 
     def lrs(self) -> Dict[str, float]:
         return {s.name: g["lr"] for g, s in zip(self.optimizer.param_groups, self.schedules)}
@@ -203,3 +220,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     opt = ScheduledOptimizer(optimizer, plan)
     opt.set_progress(0.0)
     return opt
+
+
+def optim_plan(model: nn.Module, cfg: OptimConfig, where: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
+    """lr and weight decay of every trainable parameter at each training progress in ``where``.
+
+    ``{"where": [...], "params": {name: {"lr": [...], "wd": [...]}}}`` in model order; nothing is allocated
+    beyond the plan (works on a model built on the meta device).
+    """
+    plan = plan_param_groups(model, cfg)
+    params: Dict[str, dict] = {}
+    for s in plan:
+        lrs, wds = zip(*(s.at(p) for p in where))
+        for name in s.param_names:
+            params[name] = {"lr": list(lrs), "wd": list(wds)}
+    order = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"where": [float(p) for p in where], "params": {n: params[n] for n in order}}

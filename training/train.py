@@ -4,6 +4,8 @@
     python training/train.py -c configs/rsam_tiny_cpu.yaml --num-gpus 0 scratch.train_batch_size=4 trainer.max_epochs=2
     torchrun --nnodes 2 --nproc-per-node 8 ... training/train.py -c configs/rsam_b+_b.yaml
     python training/train.py -c configs/rsam_b+_b.yaml --use-cluster 1 --num-nodes 2 --num-gpus 8 --partition p
+    python training/train.py -c configs/rsam_b+_b.yaml --num-gpus 0 --print-optim-plan     # lr / wd per parameter
+    rsam-train -c configs/rsam_b+_b.yaml --num-gpus 4                                        # the same, installed
 
 Arguments after the flags are Hydra overrides. Where it runs:
   * under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set): this process joins that process group;
@@ -14,11 +16,16 @@ Arguments after the flags are Hydra overrides. Where it runs:
 
 The experiment dir (``--log-dir``, default ``rsam_logs/<config name>``) gets ``config.yaml`` (the composed config
 with every override and flag applied) and ``config_resolved.yaml`` before anything starts; re-running with the
-same dir resumes from ``checkpoints/checkpoint.pt``.
+same dir resumes from ``checkpoints/checkpoint.pt``. ``--print-optim-plan`` builds the model (on the meta device)
+and the optimizer only, prints every trainable parameter's lr and weight decay at training progress 0, 0.25, 0.5,
+0.75 and 1 as one JSON object, and exits.
+
+Needs the package installed (``pip install -e .``), which is what makes ``rsam`` and ``training`` importable.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -26,13 +33,7 @@ import signal
 import sys
 import traceback
 
-# `python training/train.py` puts training/ (not the repo root) on sys.path; make `training.*` and `rsam.*`
-# importable without an install.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 LOG = logging.getLogger("rsam.train")
 
@@ -176,13 +177,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--account", default=None)
     parser.add_argument("--qos", default=None)
     parser.add_argument("--log-dir", default=None, help="experiment dir (default rsam_logs/<config name>)")
+    parser.add_argument("--print-optim-plan", action="store_true",
+                        help="print every trainable parameter's lr / weight decay at progress 0..1 (JSON) and exit")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=2")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def print_optim_plan(cfg: DictConfig) -> None:
+    """The optimizer's lr / wd plan as one JSON line: model built on the meta device, no data, no files."""
+    import torch
+    from hydra.utils import instantiate
+
+    from training.optimizer import OptimConfig, optim_plan
+    from training.trainer import parse_section
+
+    with torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="all")
+    print(json.dumps(optim_plan(model, parse_section(OptimConfig, cfg.optim, "optim"))))
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = compose_config(args.config, args.overrides)
+    if args.print_optim_plan:
+        print_optim_plan(cfg)
+        return 0
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if under_torchrun and args.num_gpus is None:
         args.num_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -199,7 +218,8 @@ def main(argv=None) -> None:
         if int(cfg.launcher.num_nodes) != 1:
             raise SystemExit("--num-nodes > 1 needs --use-cluster 1 or torchrun")
         launch_local(cfg)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from rsam.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 
 @dataclass
@@ -18,7 +17,7 @@ class Batch:
     """One collated batch.
 
     Shapes (B images, N expressions, R network resolution, L token length):
-      images         (B,3,R,R) float, ImageNet-normalised
+      images         (B,3,R,R) uint8 pixels (the model normalises them)
       masks          (N,R,R) bool, ground truth at network resolution (all-False for no-target expressions)
       expr_to_image  (N,) long, index into ``images`` of each expression
       input_ids      (N,L) long, right-padded with 0
@@ -38,6 +37,23 @@ class Batch:
     orig_sizes: torch.Tensor
     categories: List[str]
     sample_ids: List[Tuple[str, int]]
+
+    def __post_init__(self) -> None:
+        # Shapes always (metadata only); expression indices only while on the CPU, where reading them costs no
+        # device sync. The collate builds every batch on the CPU, so the training path is checked once, here.
+        b, n = self.images.shape[0], self.input_ids.shape[0]
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise ValueError(f"Batch.images must be uint8 (B,3,R,R), got {self.images.dtype} {tuple(self.images.shape)}")
+        for name in ("masks", "expr_to_image", "attention_mask", "is_negative"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"Batch.{name} has {getattr(self, name).shape[0]} rows for {n} expressions")
+        if len(self.categories) != n or len(self.sample_ids) != n:
+            raise ValueError(f"Batch: {len(self.categories)} categories and {len(self.sample_ids)} sample ids for "
+                             f"{n} expressions")
+        if self.expr_to_image.device.type == "cpu" and n:
+            lo, hi = int(self.expr_to_image.min()), int(self.expr_to_image.max())
+            if lo < 0 or hi >= b:
+                raise ValueError(f"Batch.expr_to_image must index the {b} images, got values {lo}..{hi}")
 
     @property
     def num_images(self) -> int:
@@ -72,7 +88,7 @@ class ImageSample:
     """What the dataset returns for one image: k expressions, the image's own records in annotation order, then
     no-target expressions drawn from other images.
 
-      image           (3,R,R) uint8 (normalised by the collate) or float (already ImageNet-normalised)
+      image           (3,R,R) uint8
       masks           (k,R,R) bool (all-False rows for negatives)
       descriptions    k expressions (raw text; tokenised in the collate)
       categories      k category names (for a negative: the category of the object it was taken from)
@@ -127,8 +143,6 @@ class Collator:
         seed: seeds the subsampling together with the epoch and the image names, so a batch is reproducible
             whichever worker collates it.
 
-        mean, std: normalisation applied to uint8 images (float images are taken as already normalised).
-
     ``None`` samples (images skipped with ``skip_bad_samples``) are dropped; a batch with no sample left gives
     ``None``. Inside a dataloader worker the image and mask tensors are written straight into shared memory
     (as ``default_collate`` does), which saves the copy the worker would otherwise make to send them.
@@ -139,15 +153,12 @@ class Collator:
         tokenizer,
         max_expressions_per_batch: Optional[int] = None,
         seed: int = 0,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ):
         if max_expressions_per_batch is not None and max_expressions_per_batch < 1:
             raise ValueError(f"max_expressions_per_batch must be >= 1 or None, got {max_expressions_per_batch}")
         self.tokenizer = tokenizer
         self.max_expressions_per_batch = max_expressions_per_batch
         self.seed = int(seed)
-        self.normalize = Normalize(mean, std)
 
     def __call__(self, samples: Sequence[Optional[ImageSample]]) -> Optional[Batch]:
         samples = [s for s in samples if s is not None]
@@ -170,12 +181,8 @@ class Collator:
                 sample_ids.append((s.name, int(s.annotation_ids[j])))
                 negative.append(bool(s.is_negative[j]))
         input_ids, attention_mask = self.tokenizer(texts)
-        images = _empty((len(samples), *samples[0].image.shape), torch.float32)
-        for i, s in enumerate(samples):
-            if s.image.dtype == torch.uint8:
-                self.normalize(s.image, out=images[i])
-            else:
-                images[i] = s.image
+        images = _empty((len(samples), *samples[0].image.shape), torch.uint8)
+        torch.stack([s.image for s in samples], out=images)
         masks_out = _empty((len(texts), *samples[0].masks.shape[1:]), torch.bool)
         torch.cat([m.bool() for m in masks], out=masks_out)
         return Batch(
@@ -200,13 +207,3 @@ def _empty(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         except (AttributeError, RuntimeError):  # private API moved: fall back to a plain tensor
             pass
     return torch.empty(shape, dtype=dtype)
-
-
-def collate_fn(
-    samples: Sequence[Optional[ImageSample]],
-    tokenizer,
-    max_expressions_per_batch: Optional[int] = None,
-    seed: int = 0,
-) -> Optional[Batch]:
-    """Functional form of :class:`Collator`."""
-    return Collator(tokenizer, max_expressions_per_batch, seed)(samples)

@@ -3,8 +3,8 @@
 Two modes:
 
 * ``official``: ``[CLS]`` + word pieces, **no** ``[SEP]``, right-padded with 0 to the longest expression of
-  the call, never truncated. This is what the official RSAM code feeds BERT (spec bug B5) and what its
-  checkpoints were trained with; it reproduces ``reference/golden_tokenizer.json`` exactly.
+  the call, never truncated. This is what the official RSAM code feeds BERT (docs/official_differences.md, B5)
+  and what its checkpoints were trained with; it reproduces ``tests/reference/golden_tokenizer.json`` exactly.
 * ``standard``: ``[CLS]`` + word pieces + ``[SEP]``, truncated to ``max_tokens`` (the ``[SEP]`` is kept),
   right-padded to the longest expression of the call. This is how BERT was pre-trained.
 
@@ -14,13 +14,17 @@ The word pieces come from a ``transformers`` fast BERT tokenizer (Rust ``tokeniz
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import List, NamedTuple, Sequence
+from pathlib import Path
+from typing import List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from iopath.common.file_io import g_pathmgr
 
 MODES = ("official", "standard")
+
+log = logging.getLogger(__name__)
 
 
 class TokenizedText(NamedTuple):
@@ -146,3 +150,43 @@ class RSAMTokenizer:
 
     def __repr__(self) -> str:
         return f"RSAMTokenizer(vocab={self.vocab_path!r}, mode={self.mode!r}, max_tokens={self.max_tokens})"
+
+
+def _resolve_vocab(vocab: str, checkpoint: Optional[Path]) -> str:
+    """A relative vocabulary path from a stored config is relative to the training run's working directory,
+    which is unknown here: try the current directory, then the checkpoint's folder and its parents."""
+    if os.path.isabs(vocab) or "://" in vocab:
+        return vocab
+    tried = [Path.cwd() / vocab]
+    if checkpoint is not None:
+        for parent in list(checkpoint.resolve().parents)[:4]:
+            tried.append(parent / vocab)
+    for candidate in tried:
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"tokenizer vocabulary {vocab!r} (tokenizer.vocab of the config) not found; tried "
+        + ", ".join(str(t) for t in tried) + ". Pass vocab=<path to vocab.txt> (rsam-predict --vocab)")
+
+
+def tokenizer_from_config(cfg: Mapping, vocab: Optional[str] = None,
+                          checkpoint: Optional[os.PathLike] = None) -> RSAMTokenizer:
+    """The ``tokenizer:`` node of a (plain, resolved) config as an :class:`RSAMTokenizer`.
+
+    ``vocab`` replaces the node's vocabulary path; a relative stored path is also looked up next to
+    ``checkpoint``. A config without a tokenizer node (e.g. one written for an official checkpoint) gets the
+    official convention (``[CLS]`` + word pieces, no ``[SEP]``) with ``vocab``.
+    """
+    node = dict(cfg.get("tokenizer") or {})
+    node.pop("_target_", None)
+    if vocab is None and not node.get("vocab"):
+        raise ValueError("the config has no tokenizer.vocab; pass vocab=<path to the BERT vocab.txt>")
+    if not node:
+        log.warning("the config has no `tokenizer:` node: using the official tokenizer convention with %s", vocab)
+        node = {"mode": "official"}
+    where = Path(checkpoint).expanduser() if checkpoint is not None else None
+    node["vocab"] = vocab if vocab is not None else _resolve_vocab(str(node["vocab"]), where)
+    try:
+        return RSAMTokenizer(**node)
+    except TypeError as exc:
+        raise ValueError(f"config tokenizer node {node}: {exc}") from None

@@ -2,33 +2,27 @@
 
 Both transforms take one image with its k masks and k expressions and return tensors at the network resolution::
 
-    image  PIL.Image | uint8 ndarray (H,W,3) | uint8 tensor (3,H,W)  ->  float tensor (3,R,R), ImageNet-normalised
-                                                                          (uint8 (3,R,R) with normalize=False)
+    image  PIL.Image | uint8 ndarray (H,W,3) | uint8 tensor (3,H,W)  ->  uint8 tensor (3,R,R)
     masks  bool/uint8 (k,H,W) ndarray or tensor                       ->  bool tensor (k,R,R)
     descriptions list[str] (any number: all texts that a flip must mirror)  ->  list[str]
 
-The image stays uint8 until the last step (resize and black boxes run on bytes), then a single fused
-multiply-add turns it into normalised float32. The dataset builds its transforms with ``normalize=False`` and
-lets :class:`rsam.data.batch.Collator` normalise straight into the batch tensor: a float image is 4x the bytes, and
-every extra full-size float copy costs more than the JPEG decode at 800 px.
+Images stay uint8 all the way to the model, which normalises them (``RSAM.preprocess``): a float image is 4x the
+bytes through the loader workers, the pinned memory and the host-to-device copy.
 
-Train (official recipe): square resize (no aspect preservation) -> random black boxes (p=0.2) -> normalise.
-An optional horizontal flip swaps left/right words in the expressions; it is off by default because the official
-recipe has no flip. Eval: resize -> normalise, fully deterministic (the official test set used the training
-augmentation by mistake, spec bug B2).
+Train (official recipe): square resize (no aspect preservation) -> random black boxes (p=0.2). An optional
+horizontal flip swaps left/right words in the expressions; it is off by default because the official recipe has
+no flip. Eval: resize, fully deterministic (the official test set used the training augmentation by mistake;
+docs/official_differences.md, B2).
 """
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -37,7 +31,7 @@ def resize_image(image: ImageLike, resolution: int) -> torch.Tensor:
     """Square bilinear (antialiased when shrinking) resize -> uint8 tensor (3,R,R).
 
     The result is a channels-first *view* of the (R,R,3) pixel buffer: the HWC -> CHW reordering happens for free
-    inside the copy that normalises it (Normalize / the collate), instead of in an extra pass here.
+    inside the next copy (the collate's, or the model's normalisation), instead of in an extra pass here.
     """
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
@@ -93,27 +87,6 @@ def paint_black_boxes(
     return image
 
 
-class Normalize:
-    """uint8 (...,3,H,W) -> float32 (x/255 - mean) / std.
-
-    Cast-copy then in-place multiply and add: on CPU this is ~2-3x faster than a single broadcast ``addcmul``
-    with a uint8 operand (which falls off the vectorised path).
-    """
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -mean_t / std_t
-
-    def __call__(self, image: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """image uint8 or float (...,3,H,W) in [0,255] -> float32; ``out`` lets the caller pick the storage."""
-        if out is None:
-            out = torch.empty(image.shape, dtype=torch.float32)
-        out.copy_(image)
-        return out.mul_(self.scale).add_(self.shift)
-
-
 _LR_WORDS = {
     "left": "right",
     "leftmost": "rightmost",
@@ -143,17 +116,10 @@ def swap_left_right(text: str) -> str:
 
 
 class EvalTransform:
-    """Deterministic square resize to ``resolution`` + ImageNet normalisation."""
+    """Deterministic square resize to ``resolution``."""
 
-    def __init__(
-        self,
-        resolution: int = 800,
-        normalize: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ):
+    def __init__(self, resolution: int = 800):
         self.resolution = int(resolution)
-        self.normalize = Normalize(mean, std) if normalize else None
 
     def __call__(
         self,
@@ -162,16 +128,14 @@ class EvalTransform:
         descriptions: List[str],
         rng: Optional[np.random.Generator] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-        image_u8 = resize_image(image, self.resolution)
-        out = image_u8 if self.normalize is None else self.normalize(image_u8)
-        return out, resize_masks(masks, self.resolution), list(descriptions)
+        return resize_image(image, self.resolution), resize_masks(masks, self.resolution), list(descriptions)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resolution={self.resolution}, normalize={self.normalize is not None})"
+        return f"EvalTransform(resolution={self.resolution})"
 
 
 class TrainTransform:
-    """Square resize -> [optional left/right-aware flip] -> random black boxes -> ImageNet normalisation.
+    """Square resize -> [optional left/right-aware flip] -> random black boxes.
 
     Args:
         resolution: output side R.
@@ -179,7 +143,6 @@ class TrainTransform:
         black_box_count: inclusive range of the number of boxes (official 20-60).
         black_box_size: side of each box in pixels at the output resolution (official 32).
         hflip_prob: probability of a horizontal flip that also swaps left/right words (official: no flip).
-        normalize: return the normalised float image (True) or the uint8 image for the collate to normalise.
     """
 
     def __init__(
@@ -189,9 +152,6 @@ class TrainTransform:
         black_box_count: Tuple[int, int] = (20, 60),
         black_box_size: int = 32,
         hflip_prob: float = 0.0,
-        normalize: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ):
         if not 0.0 <= black_box_prob <= 1.0 or not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"probabilities must be in [0,1], got black_box_prob={black_box_prob}, hflip_prob={hflip_prob}")
@@ -200,7 +160,6 @@ class TrainTransform:
         self.black_box_count = (int(black_box_count[0]), int(black_box_count[1]))
         self.black_box_size = int(black_box_size)
         self.hflip_prob = float(hflip_prob)
-        self.normalize = Normalize(mean, std) if normalize else None
 
     def __call__(
         self,
@@ -219,12 +178,11 @@ class TrainTransform:
         if self.black_box_prob > 0 and rng.random() < self.black_box_prob:
             # Zero in uint8 == zero in [0,1] space: the boxes are black before normalisation, as in the paper.
             paint_black_boxes(image_u8, rng, self.black_box_count, self.black_box_size)
-        out = image_u8 if self.normalize is None else self.normalize(image_u8)
-        return out, masks_r, descriptions
+        return image_u8, masks_r, descriptions
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(resolution={self.resolution}, black_box_prob={self.black_box_prob}, "
             f"black_box_count={self.black_box_count}, black_box_size={self.black_box_size}, "
-            f"hflip_prob={self.hflip_prob}, normalize={self.normalize is not None})"
+            f"hflip_prob={self.hflip_prob})"
         )

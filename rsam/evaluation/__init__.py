@@ -1,4 +1,7 @@
-"""Evaluation: per-expression statistics and referring-segmentation metrics."""
+"""Evaluation: per-expression statistics and metrics (:mod:`.metrics`), the one evaluation loop (:mod:`.engine`),
+what its loader carries (:mod:`.inputs`), callbacks that write results (:mod:`.writers`) and re-scoring of written
+predictions (:mod:`.rescore`)."""
+from rsam.evaluation.engine import RESOLUTIONS, EvalResult, Evaluator, ScoredExpression, eval_step, evaluate
 from rsam.evaluation.metrics import (
     OFFICIAL,
     STANDARD,
@@ -13,10 +16,16 @@ from rsam.evaluation.metrics import (
 
 __all__ = [
     "OFFICIAL",
+    "RESOLUTIONS",
     "STANDARD",
+    "EvalResult",
+    "Evaluator",
     "MetricAccumulator",
     "MetricConvention",
+    "ScoredExpression",
     "compute_metrics",
+    "eval_step",
+    "evaluate",
     "expression_stats",
     "format_metrics",
     "gather_stats",

@@ -6,7 +6,7 @@ mIoU, oIoU, Pr@X, mDice, per-category and no-target metrics — is computed from
 distributed evaluation only gathers O(N) numbers and de-duplicates them by sample id (DistributedSampler pads
 the last shard with repeated samples).
 
-Two conventions are provided, because published numbers use both (see reference/literature.md §4.4):
+Two conventions are provided, because published numbers use both (docs/metrics.md compares the codebases):
 
 * ``official``: what the official RSAM meters compute (torchmetrics' legacy ``Dice`` stat scores): a pixel is
   foreground iff its *logit* >= 0.5 (no sigmoid), Pr@X counts IoU > X (strict), and an expression whose target
@@ -29,7 +29,8 @@ from fractions import Fraction
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
+
+from rsam import distributed
 
 __all__ = [
     "MetricConvention",
@@ -311,11 +312,7 @@ def gather_stats(
         raise ValueError(f"gather_stats: {len(categories)} categories for {n} expressions")
     local = ({k: v.detach().cpu() for k, v in stats.items()}, ids, None if categories is None else list(categories))
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        parts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, local, group=group)
-    else:
-        parts = [local]
+    parts = distributed.all_gather_object(local, group=group)
 
     keys = sorted(parts[0][0])
     with_cats = any(p[2] is not None for p in parts)

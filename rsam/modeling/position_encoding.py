@@ -100,21 +100,14 @@ class PositionEmbeddingRandom(nn.Module):
             scale = 1.0
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
-    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
-        """coords: (..., 2) as (x, y) in [0, 1] -> (..., 2 * num_pos_feats)."""
-        coords = 2 * coords - 1
-        coords = coords.to(self.positional_encoding_gaussian_matrix.dtype) @ self.positional_encoding_gaussian_matrix
-        coords = 2 * math.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
-
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """size: (H, W) grid -> (C, H, W) encoding of the cell centres, C = 2 * num_pos_feats."""
         h, w = size
-        g = self.positional_encoding_gaussian_matrix
-        # cell centres ((i + 0.5) / n) so the grid is symmetric in [0, 1]
-        y = (torch.arange(h, device=g.device, dtype=g.dtype) + 0.5) / h
-        x = (torch.arange(w, device=g.device, dtype=g.dtype) + 0.5) / w
-        coords = torch.stack(
-            (x[None, :].expand(h, w), y[:, None].expand(h, w)), dim=-1
-        )  # (H, W, 2) as (x, y)
-        return self._pe_encoding(coords).permute(2, 0, 1)
+        g = self.positional_encoding_gaussian_matrix  # (2, F): row 0 weighs x, row 1 weighs y
+
+        def centred(n: int) -> torch.Tensor:  # cell centres (i + 0.5) / n in [0, 1], mapped to [-1, 1]
+            return 2 * ((torch.arange(n, device=g.device, dtype=g.dtype) + 0.5) / n) - 1
+
+        ys, xs = torch.meshgrid(centred(h), centred(w), indexing="ij")
+        phase = 2 * math.pi * (torch.stack((xs, ys), dim=-1) @ g)  # (H, W, F)
+        return torch.cat([phase.sin(), phase.cos()], dim=-1).permute(2, 0, 1)

@@ -2,7 +2,8 @@
 
 Forward path for B images and N expressions (d: decoder width, h = R / 16):
 
-    images (B,3,R,R) --image_encoder--> FPN maps at strides 4 / 8 / 16           once per image
+    images (B,3,R,R) uint8 --preprocess--> normalised float32                     once per image
+                     --image_encoder--> FPN maps at strides 4 / 8 / 16
                      --conv_s0 / conv_s1 on strides 4 / 8--> high-res skips      once per image
     input_ids (N,L)  --BERT--> (N,L,H) --text_proj--> text (N,L,d)
     text + description_pe, stride-16 map gathered per expression (N,d,h,w) + dense PE
@@ -13,10 +14,8 @@ Forward path for B images and N expressions (d: decoder width, h = R / 16):
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from dataclasses import dataclass
-from typing import Dict, Iterator
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +27,15 @@ from rsam.modeling.sam.prompt_encoder import PromptEncoder
 from rsam.modeling.sam.transformer import TwoWayTransformer
 from rsam.modeling.text_encoder import freeze_module
 
-__all__ = ["RSAM", "RSAMOutput", "ImageFeatures", "NO_OBJ_SCORE"]
+__all__ = ["RSAM", "RSAMOutput", "ImageFeatures", "NO_OBJ_SCORE", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # Logit written over the whole mask of an expression whose object score says "absent": far below any
 # threshold, and exactly representable in bf16 / fp16 so it survives autocast unchanged.
 NO_OBJ_SCORE = -1024.0
+# Pixel statistics (RGB, [0, 1] scale) of the image encoder's pretraining. The one place they are written down:
+# images travel as uint8 from the files to the model, and RSAM.preprocess normalises them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class RSAM(nn.Module):
             reproduces its numbers.
         freeze_text_encoder: BERT gets no gradients, stays in eval mode (no dropout) even after
             ``model.train()``, and runs under ``torch.no_grad()``.
+        pixel_mean, pixel_std: RGB statistics on the [0, 1] scale that :meth:`preprocess` normalises with.
     """
 
     def __init__(
@@ -104,6 +108,8 @@ class RSAM(nn.Module):
         max_text_tokens: int = 512,
         use_text_padding_mask: bool = False,
         freeze_text_encoder: bool = True,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         neck = getattr(image_encoder, "neck", None)
@@ -149,6 +155,12 @@ class RSAM(nn.Module):
         )
         self.text_encoder = text_encoder
         self.text_proj = nn.Linear(int(text_config.hidden_size), d)
+        # preprocess() computes x * scale + shift = (x / 255 - mean) / std. Buffers follow .to(device) but are
+        # not saved: the state dict keeps the official key set.
+        mean = torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
 
         # Never part of the forward graph (no point/box/mask prompts, single-mask output): frozen, so that
         # DDP needs no find_unused_parameters and optimisers skip them. They stay only for strict loading.
@@ -176,10 +188,17 @@ class RSAM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # forward pieces
 
-    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """images (B, 3, R, R) normalised -> :class:`ImageFeatures` (run once per image)."""
-        self._check_images(images)
-        backbone = self.image_encoder(images)
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, 3, R, R) -> normalised float (B, 3, R, R), in the dtype of the model's buffers."""
+        return images.to(self.pixel_scale.dtype).mul_(self.pixel_scale).add_(self.pixel_shift)
+
+    def encode_image(self, images: torch.Tensor, normalized: bool = False) -> ImageFeatures:
+        """images (B, 3, R, R) uint8 -> :class:`ImageFeatures` (run once per image).
+
+        ``normalized=True`` takes float images that are already normalised (e.g. reference inputs).
+        """
+        self._check_images(images, normalized)
+        backbone = self.image_encoder(images if normalized else self.preprocess(images))
         fpn = backbone["backbone_fpn"]
         if len(fpn) != 3:
             raise ValueError(
@@ -197,9 +216,14 @@ class RSAM(nn.Module):
                 f"RSAM: expressions of {input_ids.shape[-1]} tokens are longer than the text encoder's "
                 f"max_position_embeddings={limit}; truncate them (the tokenizer's 'standard' mode does)"
             )
+        mask = attention_mask
+        if getattr(self.text_encoder.config, "_attn_implementation", None) == "sdpa":
+            # transformers uses a 4-D boolean mask (True = attend) as given; from a 2-D mask it would first test
+            # mask.all() on the host (a device sync per forward) to decide whether to drop it
+            mask = attention_mask.bool()[:, None, None, :]
         grad = torch.is_grad_enabled() and not self.freeze_text_encoder
         with torch.set_grad_enabled(grad):
-            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self.text_proj(hidden)
 
     def decode(
@@ -281,13 +305,10 @@ class RSAM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> RSAMOutput:
-        """images (B, 3, R, R); expr_to_image (N,); input_ids, attention_mask (N, L) -> :class:`RSAMOutput`."""
+        """images (B, 3, R, R) uint8; expr_to_image (N,); input_ids, attention_mask (N, L) -> :class:`RSAMOutput`."""
         # check everything first: a bad index should not cost an image-encoder pass
         self._check_images(images)
         self._check_expressions(images.shape[0], expr_to_image, input_ids, attention_mask)
-        # Text before images: the transformers BERT reads its attention mask on the host (one sync). Queued
-        # first, that sync waits for a few embedding kernels instead of the whole image encoder, and the CPU
-        # then queues the rest of the step while the GPU runs the image encoder.
         text = self.encode_text(input_ids, attention_mask)
         return self._decode(self.encode_image(images), expr_to_image, text, attention_mask)
 
@@ -302,7 +323,7 @@ class RSAM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # input validation (clear messages instead of shape errors deep inside attention)
 
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor, normalized: bool = False) -> None:
         r = self.image_size
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -312,8 +333,13 @@ class RSAM(nn.Module):
                 f"RSAM: images are {tuple(images.shape[-2:])} but the model was built for image_size={r}; "
                 f"resize them to {r}x{r} (the position encodings are sized for that grid)"
             )
-        if not images.is_floating_point():
-            raise ValueError(f"RSAM: images must be a normalised float tensor, got dtype {images.dtype}")
+        if normalized and not images.is_floating_point():
+            raise ValueError(f"RSAM: normalized images must be a float tensor, got dtype {images.dtype}")
+        if not normalized and images.dtype != torch.uint8:
+            raise ValueError(
+                f"RSAM: images must be uint8 pixels (0-255), got dtype {images.dtype}; the model normalises them "
+                "itself (RSAM.preprocess). Already normalised float images go through encode_image(x, normalized=True)"
+            )
 
     @staticmethod
     def _check_expressions(
@@ -337,118 +363,11 @@ class RSAM(nn.Module):
                 f"RSAM: expr_to_image must be (N,) = ({n},) (one image index per expression), "
                 f"got shape {tuple(expr_to_image.shape)}"
             )
-        # one host sync (min and max fetched together); worth it, an out-of-range index on CUDA is an
-        # unreadable device-side assert
-        lo, hi = torch.stack(torch.aminmax(expr_to_image)).tolist()
-        if lo < 0 or hi >= num_images:
-            raise ValueError(
-                f"RSAM: expr_to_image values must be in [0, {num_images - 1}] (B={num_images} images), "
-                f"got min {lo}, max {hi}"
-            )
-
-    # ------------------------------------------------------------------------------------------------
-    # introspection
-
-    @contextlib.contextmanager
-    def capture_intermediates(self) -> Iterator[Dict[str, torch.Tensor]]:
-        """Record named intermediate tensors of every forward run inside the ``with`` block.
-
-        Forward hooks only: the forward code is the same with and without capture. Names follow the
-        official-model reference files (``bert.*``, ``text_proj``, ``description_pe``, ``dense_pe``,
-        ``fusion.*``, ``prompt.*``, ``decoder.*``, ``conv_s0/1``, ``image_encoder.*``, ``trunk.*``,
-        ``neck.*``, ``heads.*``); ``description_pe`` is (L, d) and ``dense_pe`` (d, h, w), as computed.
-        Tensors are stored as produced (not cloned); a later forward overwrites them.
-        """
-        store: Dict[str, torch.Tensor] = {}
-        handles = []
-
-        def on_output(module: nn.Module, record) -> None:
-            handles.append(module.register_forward_hook(lambda m, args, out: record(out)))
-
-        def on_input(module: nn.Module, record) -> None:
-            sig = inspect.signature(module.forward)
-
-            def pre_hook(m, args, kwargs):
-                record(sig.bind(*args, **kwargs).arguments)
-
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-
-        def put(**named: torch.Tensor) -> None:
-            store.update({k.replace("__", "."): v for k, v in named.items()})
-
-        def first(x):  # HF layers return a tensor or a tuple whose first entry is the hidden state
-            return x[0] if isinstance(x, (tuple, list)) else x
-
-        # image encoder
-        enc = self.image_encoder
-        trunk, neck = getattr(enc, "trunk", None), getattr(enc, "neck", None)
-        if trunk is not None:
-            on_output(trunk, lambda out: store.update({f"trunk.stage{i}": t for i, t in enumerate(out)}))
-            for i, block in enumerate(getattr(trunk, "blocks", [])):
-                on_output(block, lambda out, i=i: store.__setitem__(f"trunk.block{i}", out))
-        if neck is not None:
-            def neck_out(out):
-                feats, pos = out
-                store.update({f"neck.fpn{i}": t for i, t in enumerate(feats)})
-                store.update({f"neck.pos{i}": t for i, t in enumerate(pos)})
-            on_output(neck, neck_out)
-
-        def encoder_out(out):
-            store.update({f"image_encoder.backbone_fpn{i}": t for i, t in enumerate(out["backbone_fpn"])})
-            store.update({f"image_encoder.vision_pos_enc{i}": t for i, t in enumerate(out["vision_pos_enc"])})
-            store["image_encoder.vision_features"] = out["vision_features"]
-        on_output(enc, encoder_out)
-        dec = self.sam_mask_decoder
-        on_output(dec.conv_s0, lambda out: put(conv_s0=out))
-        on_output(dec.conv_s1, lambda out: put(conv_s1=out))
-
-        # text
-        bert = self.text_encoder
-        if hasattr(bert, "embeddings"):
-            on_output(bert.embeddings, lambda out: put(bert__embeddings=first(out)))
-        for i, layer in enumerate(getattr(getattr(bert, "encoder", None), "layer", [])):
-            on_output(layer, lambda out, i=i: store.__setitem__(f"bert.layer{i}", first(out)))
-        on_output(bert, lambda out: put(bert__last_hidden_state=out.last_hidden_state))
-        on_output(self.text_proj, lambda out: put(text_proj=out))
-        prompt = self.sam_prompt_encoder
-        on_output(prompt.description_pe, lambda out: put(description_pe=out))
-        on_output(prompt.pe_layer, lambda out: put(dense_pe=out))
-
-        # fusion
-        fusion = self.description_transformer
-        on_input(fusion, lambda a: put(fusion__in_text=a["text"], fusion__in_text_pe=a["text_pe"],
-                                       fusion__in_image=a["image"]))
-        on_output(fusion, lambda out: put(fusion__out_text=out[0], fusion__out_image=out[1],
-                                          fusion__out_cls=out[0][:, :1]))
-        for i, layer in enumerate(fusion.layers):
-            on_output(layer, lambda out, i=i: store.update({f"fusion.layer{i}.text": out[0],
-                                                            f"fusion.layer{i}.image": out[1]}))
-
-        # prompt encoder and decoder
-        on_output(prompt, lambda out: put(prompt__sparse=out[0], prompt__dense=out[1]))
-        on_input(dec.transformer, lambda a: put(decoder__src_in=a["image_embedding"],
-                                                decoder__tokens_in=a["point_embedding"]))
-        on_output(dec.transformer, lambda out: put(decoder__transformer__hs=out[0],
-                                                   decoder__transformer__src=out[1]))
-        on_output(dec.output_upscaling[-1], lambda out: put(decoder__upscaled=out))
-        for i, mlp in enumerate(dec.output_hypernetworks_mlps):
-            on_output(mlp, lambda out, i=i: store.__setitem__(f"decoder.hyper_in{i}", out))
-        on_output(dec, lambda out: put(
-            decoder__all_masks=out.masks, decoder__all_iou_pred=out.iou_pred,
-            decoder__all_mask_tokens_out=out.mask_tokens_out, decoder__masks=out.masks[:, :1],
-            decoder__iou_pred=out.iou_pred[:, :1], decoder__sam_tokens_out=out.mask_tokens_out[:, :1],
-            decoder__object_score_logits=out.object_score_logits,
-        ))
-        on_input(dec, lambda a: put(decoder__feat_s0=a["high_res_features"][0],
-                                    decoder__feat_s1=a["high_res_features"][1]))
-
-        # final outputs (hooked on forward(); a direct decode() call records everything but heads.*)
-        def heads(out: RSAMOutput) -> None:
-            put(heads__low_res_masks=out.low_res_logits, heads__high_res_masks=out.logits,
-                heads__ious=out.iou_pred, heads__object_score_logits=out.object_score_logits)
-        on_output(self, heads)
-        try:
-            yield store
-        finally:
-            for h in handles:
-                h.remove()
+        # The values only where reading them is free: on the CPU. On an accelerator that read would be a host
+        # sync per forward; batches are checked when they are built on the CPU (rsam.data.batch.Batch), and a
+        # bad index there still fails, as a device-side assert of the gather.
+        if expr_to_image.device.type == "cpu" and n:
+            lo, hi = int(expr_to_image.min()), int(expr_to_image.max())
+            if lo < 0 or hi >= num_images:
+                raise ValueError(f"RSAM: expr_to_image values must be in [0, {num_images - 1}] (B={num_images} "
+                                 f"images), got min {lo}, max {hi}")

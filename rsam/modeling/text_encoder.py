@@ -62,7 +62,7 @@ def freeze_module(module: nn.Module) -> nn.Module:
     """Freeze ``module`` in place: no parameter requires grad, and it is switched to eval mode.
 
     Eval mode matters as much as ``requires_grad``: a frozen BERT left in train mode keeps its dropout active
-    and so feeds noise into training (official bug B7). The owner must keep it in eval mode when it is itself
+    and so feeds noise into training (docs/official_differences.md, B7). The owner must keep it in eval mode when it is itself
     put back into train mode (see ``RSAM.train``) and should run it under ``torch.no_grad()``.
     """
     module.requires_grad_(False)

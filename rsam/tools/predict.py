@@ -10,6 +10,8 @@ For each image, ``--out`` gets
   captions and, for each, the predicted IoU and object score -- or "no target" where the object score says
   the expression refers to nothing in the image (its mask is empty);
 * ``<image>_predictions.json``: the same numbers, machine-readable.
+
+Exit status: 0 on success, 2 for bad input (a one-line message names the file or setting).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["main", "write_outputs"]
+__all__ = ["main", "predict_cli", "write_outputs"]
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -77,7 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+def predict_cli(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    """Everything ``main`` does; returns one record per image (what ``<image>_predictions.json`` holds)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.fill_holes < 0 or args.remove_islands < 0:
@@ -87,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     try:
         return _run(args)
     except Exception as exc:
-        from rsam.build import CheckpointError
+        from rsam.checkpoint import CheckpointError
 
         expected = (ValueError, FileNotFoundError, KeyError, CheckpointError)  # bad input, not a bug
         if os.environ.get("RSAM_DEBUG") or not isinstance(exc, expected):
@@ -98,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
 
 def _run(args: argparse.Namespace) -> List[dict]:
-    from rsam.predictor import RSAMPredictor, load_image
+    from rsam.data.images import load_image
+    from rsam.predictor import RSAMPredictor
 
     # Read every image first: a bad file is reported before the model is built.
     images = [(path, load_image(path)) for path in args.image]
@@ -120,5 +124,11 @@ def _run(args: argparse.Namespace) -> List[dict]:
     return records
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point (``rsam-predict``): exit status 0 on success."""
+    predict_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Check our loss and metrics against a golden file made with the official RSAM code.
 
-    python -m rsam.tools.verify_loss_metrics shared/reference/golden_loss_metrics.pt
+    python -m rsam.tools.verify_loss_metrics tests/reference/golden_loss_metrics.pt
 
 Recomputes every stored loss term, per-expression loss term, metric (official convention) and per-expression
 pixel statistic from the stored inputs and prints one row per number; exits with status 1 if any row fails.
@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from rsam.checkpoint import CheckpointError, load_torch_file
+from rsam.checkpoint import CheckpointError, read_torch_file
 from rsam.evaluation.metrics import OFFICIAL, compute_metrics, expression_stats, per_expression_iou
 
 Row = Tuple[str, float, float, float, float, str]
@@ -61,7 +61,7 @@ def check_loss_metrics(golden: dict) -> Tuple[List[Row], bool]:
 
     Returns rows (name, ours, reference, abs error, tolerance, "PASS"/"FAIL") and whether all passed.
     """
-    from training.loss_fns import RSAMLoss
+    from rsam.losses import RSAMLoss
 
     inputs = _need(golden, "inputs", "top level")
     logits = _need(inputs, "pred_masks_high_res", "inputs").float()
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("file", help="golden .pt file with loss / metrics keys (golden_loss_metrics.pt)")
     args = parser.parse_args(argv)
     try:
-        golden = load_torch_file(args.file)
+        golden = read_torch_file(args.file)
     except (OSError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

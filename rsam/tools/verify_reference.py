@@ -1,14 +1,14 @@
 """Check this implementation against a golden file made with the official RSAM code.
 
-    python -m rsam.tools.verify_reference shared/reference/golden_tiny.pt
-    python -m rsam.tools.verify_reference shared/reference/golden_loss_metrics.pt
+    python -m rsam.tools.verify_reference tests/reference/golden_tiny.pt
+    python -m rsam.tools.verify_reference tests/reference/golden_loss_metrics.pt
 
 The kind of file is recognised from its keys:
 
 * ``state_dict`` + ``inputs`` + ``outputs`` (a forward pass, e.g. ``golden_tiny.pt``): build our model from the
   file's own ``config`` (official model yaml + BERT json + constructor defaults, translated generically by
-  :func:`official_to_model_node`), load its ``state_dict`` through :func:`rsam.build.load_checkpoint` (which
-  drops the official video-only leftovers), run the stored inputs in float32 eval mode with the
+  :func:`official_to_model_node`), load its ``state_dict`` through :func:`rsam.checkpoint.load_weights` (which
+  drops the official video-only leftovers), run the stored (already normalised) inputs in float32 eval mode with the
   official-compatible switches (no text padding mask), and compare every stored tensor that has a
   counterpart here, plus the per-expression ``batch_composition`` runs;
 * ``loss`` + ``metrics`` (``golden_loss_metrics.pt``): handed to
@@ -27,12 +27,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rsam.checkpoint import CheckpointError, load_torch_file
+from rsam.checkpoint import CheckpointError, read_torch_file
+from rsam.tools.intermediates import capture_intermediates, record_heads
 
 # (name, shape or what is counted, max abs error or count, tolerance, result)
 Row = Tuple[str, str, float, float, str]
 
-FEATURE_TOL = 1e-4  # features, tokens, PEs, mask logits, IoU predictions (reference README 1.7)
+FEATURE_TOL = 1e-4  # features, tokens, PEs, mask logits, IoU predictions (tests/reference/README.md)
 OBJECT_SCORE_TOL = 2e-4  # the golden file's object-score head was scaled by ~29
 NO_OBJ_SCORE = -1024.0
 
@@ -254,11 +255,11 @@ def build_reference_model(golden: Dict[str, Any], notes: Optional[List[str]] = N
     """Our model built from ``golden['config']`` and filled with ``golden['state_dict']``, float32, eval mode."""
     from hydra.utils import instantiate
 
-    from rsam.build import load_checkpoint
+    from rsam.checkpoint import load_weights
 
     node = official_to_model_node(golden["config"], notes)
     model = instantiate(node, _convert_="all")
-    report = load_checkpoint(model, golden["state_dict"], strict=True)
+    report = load_weights(model, golden["state_dict"], strict=True)
     if notes is not None:
         notes.append(f"state_dict: {report}")
     return model.float().eval()
@@ -334,8 +335,10 @@ def check_forward(golden: Dict[str, Any], notes: Optional[List[str]] = None) -> 
         raise KeyError(f"golden inputs: missing {exc.args[0]!r} (has {sorted(inputs)})") from None
 
     rows: List[Row] = []
-    with torch.no_grad(), model.capture_intermediates() as captured:
-        model(images.float(), expr_to_image, input_ids, attention_mask)
+    with torch.no_grad(), capture_intermediates(model) as captured:
+        # the reference inputs are normalised already: past RSAM.preprocess, straight into the encoder
+        features = model.encode_image(images.float(), normalized=True)
+        record_heads(captured, model.decode(features, expr_to_image, input_ids, attention_mask))
         _extra_outputs(model, captured)
         for name in sorted(golden["outputs"]):
             ref = golden["outputs"][name]
@@ -350,19 +353,18 @@ def check_forward(golden: Dict[str, Any], notes: Optional[List[str]] = None) -> 
             if name in GATED and ours is not None:
                 rows.append(compare_gating(name, ours, ref))
 
-        rows += _check_batch_composition(model, golden, images, expr_to_image, captured)
+        rows += _check_batch_composition(model, golden, features, expr_to_image, captured)
     ok = all(r[-1] == "PASS" or r[-1].startswith("n/a") for r in rows)
     return rows, ok
 
 
-def _check_batch_composition(model, golden, images, expr_to_image, captured) -> List[Row]:
+def _check_batch_composition(model, golden, features, expr_to_image, captured) -> List[Row]:
     """Each expression alone and unpadded: image features computed once, then decoded one expression at a time."""
     solo = golden.get("batch_composition") or {}
     indices = sorted({int(m.group(1)) for k in solo for m in [re.match(r"expr(\d+)\.", k)] if m})
     if not indices:
         return []
     rows: List[Row] = []
-    features = model.encode_image(images.float())
     for j in indices:
         ids = solo[f"expr{j}.input_ids"]
         ids = ids[None] if ids.ndim == 1 else ids
@@ -421,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        golden = load_torch_file(args.file)
+        golden = read_torch_file(args.file)
     except (OSError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

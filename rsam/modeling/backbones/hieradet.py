@@ -109,30 +109,29 @@ def pool_channels_last(x: torch.Tensor, pool: Optional[nn.Module]) -> torch.Tens
     return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W up to multiples of ``window``.
+def to_windows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> tiles (B * nh * nw, size, size, C) and the tile grid (nh, nw).
 
-    Returns the windows and the padded size (Hp, Wp). The padded tokens are *not* masked in attention;
-    SAM 2 attends to them too (their keys are the qkv bias), and the pretrained weights expect that.
+    H and W are zero-padded up to whole tiles. The padded tokens are *not* masked in attention: SAM 2 attends
+    to them too (their keys are the qkv bias), and the pretrained weights expect that.
     """
-    b, h, w, c = x.shape
-    pad_h, pad_w = (-h) % window, (-w) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+    _, h, w, _ = x.shape
+    grid = (-(-h // size), -(-w // size))  # ceil division
+    extra_h, extra_w = grid[0] * size - h, grid[1] * size - w
+    if extra_h or extra_w:
+        x = F.pad(x, (0, 0, 0, extra_w, 0, extra_h))
+    tiles = x.unflatten(1, (grid[0], size)).unflatten(3, (grid[1], size))  # (B, nh, size, nw, size, C)
+    return tiles.transpose(2, 3).flatten(0, 2), grid
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int, int],
-                       hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, window, window, C) -> (B, H, W, C), padding cropped."""
-    hp, wp = padded_hw
-    h, w = hw
-    b = windows.shape[0] // ((hp // window) * (wp // window))
-    x = windows.reshape(b, hp // window, wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
-    return x[:, :h, :w, :].contiguous() if (hp > h or wp > w) else x
+def from_windows(tiles: torch.Tensor, grid: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_windows` for tiles of any side: (B * nh * nw, s, s, C) -> (B, H, W, C), cropped to hw.
+
+    The side may differ from the one :func:`to_windows` cut: q-pooling shrinks every tile by its stride.
+    """
+    rows = tiles.unflatten(0, (-1, grid[0], grid[1])).transpose(2, 3)  # (B, nh, s, nw, s, C)
+    x = rows.flatten(3, 4).flatten(1, 2)
+    return x[:, : hw[0], : hw[1]]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,8 +171,8 @@ class MultiScaleBlock(nn.Module):
 
     Transition blocks (``q_stride`` set) change the width dim -> dim_out and pool the queries. Their
     shortcut is ``proj`` (a Linear) of the *normed* input, pooled the same way, so the residual matches.
-    Windowed attention partitions with ``window_size``; after q-pooling each window has shrunk by the
-    stride, so it is un-partitioned with ``window_size // q_stride``. ``window_size == 0`` means global.
+    Windowed attention cuts ``window_size`` tiles; q-pooling shrinks every tile by the stride but keeps the
+    tile grid, which is how the result is put back together. ``window_size == 0`` means global.
     """
 
     def __init__(
@@ -202,25 +201,16 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, dim) -> (B, H', W', dim_out)."""
-        shortcut = x
-        x = self.norm1(x)
-        if self.dim != self.dim_out:
-            shortcut = self.proj(x)
-        if self.pool is not None:
-            shortcut = pool_channels_last(shortcut, self.pool)
-
-        window = self.window_size
-        if window > 0:
-            x, padded_hw = window_partition(x, window)
-        x = self.attn(x)
-        if window > 0:
-            if self.q_stride is not None:
-                window = window // self.q_stride[0]
-            h, w = shortcut.shape[1:3]
-            padded_hw = (h + (-h) % window, w + (-w) % window)
-            x = window_unpartition(x, window, padded_hw, (h, w))
-
-        x = shortcut + self.drop_path(x)
+        normed = self.norm1(x)
+        # A transition's residual is the normed input projected to the new width, pooled like the queries.
+        residual = self.proj(normed) if self.dim != self.dim_out else x
+        residual = pool_channels_last(residual, self.pool)
+        if self.window_size > 0:
+            tiles, grid = to_windows(normed, self.window_size)
+            attended = from_windows(self.attn(tiles), grid, tuple(residual.shape[1:3]))
+        else:
+            attended = self.attn(normed)
+        x = residual + self.drop_path(attended)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -334,15 +324,3 @@ class Hiera(nn.Module):
             if i == last or (self.return_interm_layers and i in self.stage_ends):
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs
-
-    # layer-wise lr decay hooks (used by the optimiser's parameter groups)
-    def get_num_layers(self) -> int:
-        return len(self.blocks)
-
-    def get_layer_id(self, name: str) -> int:
-        """Depth of a parameter (full or trunk-relative name): embeddings 0, ``blocks.i`` i + 1, others last + 1."""
-        if "pos_embed" in name or "patch_embed" in name:
-            return 0
-        if "blocks." in name:
-            return int(name.split("blocks.", 1)[1].split(".", 1)[0]) + 1
-        return self.get_num_layers() + 1

@@ -54,26 +54,26 @@ class FpnNeck(nn.Module):
         (B, d_model, H_i, W_i)."""
         if len(xs) != len(self.convs):
             raise ValueError(f"FpnNeck: got {len(xs)} feature maps for {len(self.convs)} lateral convs")
-        n = len(xs) - 1
-        out: list[torch.Tensor] = [None] * len(xs)  # type: ignore[list-item]
-        pos: list[torch.Tensor] = [None] * len(xs)  # type: ignore[list-item]
-        prev: Optional[torch.Tensor] = None
-        for i in range(n, -1, -1):  # coarse -> fine
-            lateral = self.convs[n - i](xs[i])
-            if i in self.fpn_top_down_levels and prev is not None:
-                # upsample in float32: under bf16 autocast this is what SAM 2 does, keep the numbers
-                top_down = F.interpolate(
-                    prev.to(torch.float32), scale_factor=2.0, mode=self.fpn_interp_model,
-                    align_corners=None if self.fpn_interp_model == "nearest" else False,
-                )
-                prev = lateral + top_down
-                if self.fuse_type == "avg":
-                    prev = prev / 2
-            else:
-                prev = lateral
-            out[i] = prev
-            pos[i] = self.position_encoding(prev).to(prev.dtype)
-        return out, pos
+        # Walk the pyramid from the coarsest map down: convs[k] belongs to the k-th coarsest map, and the
+        # top-down signal of a level is the finished map of the level above it.
+        coarse_first: list[torch.Tensor] = []
+        for depth, (x, lateral) in enumerate(zip(reversed(xs), self.convs)):
+            level = len(xs) - 1 - depth  # finest-first index, the numbering of fpn_top_down_levels
+            y = lateral(x)
+            if coarse_first and level in self.fpn_top_down_levels:
+                y = self._fuse(y, self._upsample(coarse_first[-1]))
+            coarse_first.append(y)
+        features = coarse_first[::-1]
+        return features, [self.position_encoding(f).to(f.dtype) for f in features]
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32: under bf16 autocast SAM 2 interpolates in full precision, and its weights expect that
+        align = None if self.fpn_interp_model == "nearest" else False
+        return F.interpolate(x.float(), scale_factor=2.0, mode=self.fpn_interp_model, align_corners=align)
+
+    def _fuse(self, lateral: torch.Tensor, top_down: torch.Tensor) -> torch.Tensor:
+        fused = lateral + top_down
+        return fused / 2 if self.fuse_type == "avg" else fused
 
 
 class ImageEncoder(nn.Module):
@@ -112,7 +112,7 @@ class ImageEncoder(nn.Module):
                 f"ImageEncoder: images must be (B, 3, H, W) with H and W multiples of {m}, "
                 f"got shape {tuple(images.shape)}"
             )
+        # The `scalp` coarsest levels only feed the FPN's top-down path; the heads never see them.
+        kept = len(self.neck.convs) - self.scalp
         features, pos = self.neck(self.trunk(images))
-        if self.scalp > 0:
-            features, pos = features[: -self.scalp], pos[: -self.scalp]
-        return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
+        return {"backbone_fpn": features[:kept], "vision_pos_enc": pos[:kept], "vision_features": features[kept - 1]}

@@ -145,8 +145,13 @@ class MaskDecoder(nn.Module):
         )
 
     def _upscale(self, src: torch.Tensor, high_res_features: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(N, d, h, w) -> (N, d/8, 4h, 4w) with the stride-8 and stride-4 skips added before each activation."""
-        dc1, ln1, act1, dc2, act2 = self.output_upscaling
+        """(N, d, h, w) -> (N, d/8, 4h, 4w): two x2 transposed convolutions, each followed by the FPN skip of
+        its resolution (stride 8, then stride 4) and then its norm / activation."""
         feat_s0, feat_s1 = high_res_features
-        x = act1(ln1(dc1(src) + feat_s1))
-        return act2(dc2(x) + feat_s0)
+        up = self.output_upscaling  # [convT, LayerNorm2d, act, convT, act]: indices are checkpoint keys
+        x = src
+        for conv, skip, after in ((up[0], feat_s1, (up[1], up[2])), (up[3], feat_s0, (up[4],))):
+            x = conv(x) + skip
+            for module in after:
+                x = module(x)
+        return x

@@ -1,7 +1,7 @@
 """RSAM training loss: focal + dice + IoU-prediction + object-score terms.
 
 The terms and their normalisation follow the official RSAM configuration (one mask per expression, one
-prediction step; reference/rsam_official_spec.md §4.1). With N expressions, mask logits x_i, ground truth y_i,
+prediction step; SAM 2's multi-step loss with a single step and a single mask). With N expressions, mask logits x_i, ground truth y_i,
 predicted IoU rho_i and object-score logit s_i:
 
     o_i        = 1 if y_i has a pixel else 0        target of the object score, gate of the three mask terms
@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from rsam import distributed
 
 __all__ = ["sigmoid_focal_loss", "dice_loss", "mask_iou", "per_expression_losses", "RSAMLoss", "DEFAULT_WEIGHTS"]
 
@@ -124,11 +125,10 @@ def per_expression_losses(
 def _num_objects(n: int, device: torch.device, reduce_across_ranks: bool) -> torch.Tensor:
     """max(1, mean over ranks of the local expression count), as a device tensor (no host sync)."""
     num = torch.full((), float(n), device=device)
-    if reduce_across_ranks and dist.is_available() and dist.is_initialized():
+    if reduce_across_ranks and distributed.is_distributed():
         # Every rank divides by the same count, so the DDP gradient average equals the gradient of the
         # global per-expression mean even when ranks hold different numbers of expressions.
-        dist.all_reduce(num)
-        num = num / dist.get_world_size()
+        num = distributed.all_reduce(num) / distributed.world_size()
     return num.clamp(min=1)
 
 

@@ -1,7 +1,11 @@
-"""Load weights into an RSAM model (or one of its parts) from the checkpoint formats people have.
+"""Every weight file RSAM accepts: one reader (:func:`read_checkpoint`) and one loader (:func:`load_weights`).
 
-One entry point, :func:`load_checkpoint`, recognises the format from the keys and applies a few small,
-named key-mapping rules:
+:func:`read_checkpoint` turns a file, an HF BERT directory or an in-memory dict into a :class:`Checkpoint`: a flat
+``{name: tensor}`` state dict (wrapper prefixes of DDP / ``torch.compile`` removed), the config stored with it
+(our checkpoints) and the rest of a training checkpoint (optimizer, counters, RNG states). Every ``torch.load``
+of the project happens in :func:`read_torch_file`, with ``weights_only=True``: no file is ever unpickled.
+
+:func:`load_weights` recognises the format from the keys and applies a few small, named key-mapping rules:
 
 =============  ===========================================================  =============================
 format         recognised by                                                what is loaded
@@ -35,14 +39,14 @@ import torch
 from torch import nn
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "LoadReport",
-    "load_checkpoint",
-    "load_torch_file",
-    "read_state_dict",
+    "load_weights",
+    "read_checkpoint",
+    "read_torch_file",
     "detect_format",
     "OFFICIAL_VIDEO_LEFTOVERS",
-    "parameter_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,25 +97,25 @@ class LoadReport:
 # reading files
 
 
-def load_torch_file(path: Union[str, os.PathLike], weights_only: bool = True) -> Any:
-    """``torch.load(path)`` on the CPU, with errors that name the file.
+def read_torch_file(path: Union[str, os.PathLike]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for anything ``torch.load``
-    cannot read (which, depending on the bytes, surfaces as pickle, zip, EOF or even ``KeyError`` errors).
+    cannot read (which, depending on the bytes, surfaces as pickle, zip, EOF or even ``KeyError`` errors),
+    including files holding objects other than tensors and plain containers.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever the bytes make torch.load trip on
-        refused = isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
-        if weights_only and refused:
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
             raise CheckpointError(
-                f"{path}: holds objects that torch.load(weights_only=True) refuses ({_first_line(exc)}). "
-                "If you trust the file, pass weights_only=False."
-            ) from exc
-        raise CheckpointError(f"{path}: not a readable torch file ({_first_line(exc)})") from exc
+                f"{path}: holds Python objects besides tensors and plain containers ({_first_line(exc)}); RSAM "
+                "never unpickles them. Re-save the file as a state dict (torch.save(model.state_dict(), ...))"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,7 +132,7 @@ def _load_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def _read_hf_bert_dir(path: Path, weights_only: bool) -> tuple[StateDict, dict]:
+def _read_hf_bert_dir(path: Path) -> tuple[StateDict, dict]:
     from rsam.modeling.text_encoder import read_bert_config  # imported here: it pulls in transformers
 
     config_file = path / "config.json"
@@ -138,47 +142,69 @@ def _read_hf_bert_dir(path: Path, weights_only: bool) -> tuple[StateDict, dict]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         weights = path / name
         if weights.is_file():
-            sd = _load_safetensors(weights) if name.endswith(".safetensors") else load_torch_file(weights, weights_only)
+            sd = _load_safetensors(weights) if name.endswith(".safetensors") else read_torch_file(weights)
             return dict(sd), config
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping], weights_only: bool = True) -> tuple[StateDict, dict]:
-    """Read a checkpoint into a flat ``{name: tensor}`` dict; returns ``(state_dict, meta)``.
+@dataclass
+class Checkpoint:
+    """What :func:`read_checkpoint` found.
 
-    ``meta`` has ``source`` (a printable name) and, for HF directories, ``bert_config``.
-    Accepts a file (``.pt``/``.pth``/``.bin``/``.safetensors``), an HF directory, or an in-memory dict
-    (a state dict or a checkpoint holding one under ``"model"``).
+    state_dict: flat ``{name: tensor}``; config: the resolved config stored with our checkpoints (else None);
+    extra: the other top-level entries of a training checkpoint (``optimizer``, ``epoch``, ``step``, ``rng``,
+    ...); bert_config: the ``config.json`` of an HF BERT directory.
     """
+
+    source: str
+    state_dict: StateDict
+    config: Optional[dict] = None
+    extra: dict = field(default_factory=dict)
+    bert_config: Optional[dict] = None
+
+
+def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint]) -> Checkpoint:
+    """Read any weight file RSAM accepts into a :class:`Checkpoint`.
+
+    Accepts a file (``.pt``/``.pth``/``.bin``/``.safetensors``), an HF BERT directory, an in-memory dict (a state
+    dict, or a checkpoint holding one under ``"model"``) or a :class:`Checkpoint` (returned as is).
+    """
+    if isinstance(source, Checkpoint):
+        return source
+    bert_config = None
     if isinstance(source, Mapping):
-        obj, meta = source, {"source": "<state dict>"}
+        obj, name = source, "<state dict>"
     else:
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        meta = {"source": str(path)}
+        name = str(path)
         if path.is_dir():
-            obj, meta["bert_config"] = _read_hf_bert_dir(path, weights_only)
+            obj, bert_config = _read_hf_bert_dir(path)
         elif path.suffix == ".safetensors":
             obj = _load_safetensors(path)
         else:
-            obj = load_torch_file(path, weights_only)
-    # {"model": sd, "optimizer": ..., ...} (ours, SAM 2.1) -> sd
+            obj = read_torch_file(path)
+    config, extra = None, {}
+    # {"model": sd, "config": ..., "optimizer": ..., ...} (ours, SAM 2.1) -> sd + the rest
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        extra = {k: v for k, v in obj.items() if k != "model"}
+        config = extra.pop("config", None)
+        config = dict(config) if isinstance(config, Mapping) else None
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{meta['source']}: expected a (non-empty) state dict or {{'model': state_dict}}, "
+        raise CheckpointError(f"{name}: expected a (non-empty) state dict or {{'model': state_dict}}, "
                               f"found {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{meta['source']}: entries that are not named tensors: {_listing(map(str, bad))}")
+        raise CheckpointError(f"{name}: entries that are not named tensors: {_listing(map(str, bad))}")
     sd = dict(obj)
     # rule "wrapper": DDP / torch.compile prefixes, in whichever order the wrappers were applied
     prefix = _wrapper_prefix(sd)
     while prefix is not None:
         sd = {k[len(prefix):]: v for k, v in sd.items()}
         prefix = _wrapper_prefix(sd)
-    return sd, meta
+    return Checkpoint(source=name, state_dict=sd, config=config, extra=extra, bert_config=bert_config)
 
 
 def _wrapper_prefix(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -239,30 +265,29 @@ def _scope_prefix(model_keys: Mapping, group: str, probe: str) -> str:
 # loading
 
 
-def load_checkpoint(
+def load_weights(
     model: nn.Module,
-    path_or_state: Union[str, os.PathLike, Mapping],
+    source: Union[str, os.PathLike, Mapping, Checkpoint],
     *,
     strict: bool = True,
     take_sam_heads: bool = False,
-    weights_only: bool = True,
 ) -> LoadReport:
-    """Load ``path_or_state`` into ``model`` in place and return a :class:`LoadReport`.
+    """Load the weights of ``source`` (anything :func:`read_checkpoint` reads) into ``model`` in place.
 
     ``strict``: every model key in the scope of the format (all keys for ``rsam``, ``image_encoder.*``
     (+ heads) for ``sam2``, ``text_encoder.*`` for ``bert``) must be present. Unexpected keys and shape
     mismatches are always errors. ``take_sam_heads``: for SAM 2.1, also load the prompt encoder and mask
-    decoder (the official RSAM recipe keeps them random).
+    decoder (the official RSAM recipe keeps them random). Returns a :class:`LoadReport`.
     """
-    sd, meta = read_state_dict(path_or_state, weights_only=weights_only)
-    source = meta["source"]
+    ckpt = read_checkpoint(source)
+    sd, source = ckpt.state_dict, ckpt.source
     fmt = detect_format(sd)
     model_sd = model.state_dict()
     dropped: Counter = Counter()
 
     if fmt == "bert":
         prefix = _scope_prefix(model_sd, "text_encoder", "embeddings.word_embeddings.weight")
-        _check_bert_config(model, prefix, meta.get("bert_config"), source)
+        _check_bert_config(model, prefix, ckpt.bert_config, source)
         mapped: StateDict = {}
         for key, value in sd.items():
             new = _map_bert_key(key)
@@ -353,39 +378,3 @@ def _listing(items, limit: int = _MAX_LISTED) -> str:
 
 def _format_groups(groups: Mapping[str, int]) -> str:
     return ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# parameter counts
-
-
-@dataclass
-class ParameterReport:
-    """Parameter counts per top-level submodule (``rows``: name -> (params, trainable)) and in total."""
-
-    rows: dict[str, tuple[int, int]]
-    total: int
-    trainable: int
-    buffers: int
-
-    def __str__(self) -> str:
-        width = max([len(n) for n in self.rows] + [len("total")])
-        lines = [f"{'module':<{width}}  {'params':>13}  {'trainable':>13}"]
-        lines += [f"{n:<{width}}  {p:>13,}  {t:>13,}" for n, (p, t) in self.rows.items()]
-        lines.append(f"{'total':<{width}}  {self.total:>13,}  {self.trainable:>13,}")
-        lines.append(f"(+ {self.buffers:,} buffer elements in the state dict)")
-        return "\n".join(lines)
-
-
-def parameter_report(model: nn.Module) -> ParameterReport:
-    """Count parameters per top-level child (and bare parameters of the root)."""
-    rows: dict[str, tuple[int, int]] = {}
-    for name, p in model.named_parameters():
-        top = name.split(".", 1)[0]
-        params, trainable = rows.get(top, (0, 0))
-        rows[top] = (params + p.numel(), trainable + (p.numel() if p.requires_grad else 0))
-    total = sum(p for p, _ in rows.values())
-    trainable = sum(t for _, t in rows.values())
-    saved = set(model.state_dict())  # persistent buffers only
-    buffers = sum(b.numel() for name, b in model.named_buffers() if name in saved)
-    return ParameterReport(rows=rows, total=total, trainable=trainable, buffers=buffers)
