@@ -130,6 +130,7 @@ setup(
         "rsam-train=training.train:main",
         "rsam-eval=training.eval:main",
         "rsam-predict=rsam.tools.predict:main",
+        "rsam-data=rsam.tools.data:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,8 +1,10 @@
-"""Data-pipeline throughput per dataloader worker on 800 px RISORS-format samples.
+"""Data-pipeline throughput per dataloader worker on 800 px samples of any dataset format.
 
-    python benchmarks/bench_data.py [--num-images 48] [--resolution 800] [--batch-size 8] [--iters 96]
+    python benchmarks/bench_data.py [--format rrsisd] [--num-images 48] [--resolution 800] [--iters 96]
+    python benchmarks/bench_data.py --open-expressions 20000 [--format rrsisd]   # time to open a large dataset
 
-Generates a temporary synthetic RISORS-format dataset at 800 px (what RISORS images are), then times a DataLoader
+Generates a temporary synthetic dataset at 800 px in the ``--format`` layout (risors, rrsisd, refsegrs,
+risbench, jsonl), then times a DataLoader
 with ``--workers`` workers (default 1: the per-worker rate including the hand-over to the main process) doing the
 full per-sample work: JPEG decode, RLE decode of the selected masks, resize, black-box augmentation, negatives,
 tokenisation and collation into a Batch (uint8 images; the model normalises them). Prints one JSON line: ``samples_per_s_per_worker`` is the
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rsam.data.batch import Collator
-from rsam.data.dataset import RISORSDataset
+from rsam.data.dataset import ReferringDataset
 from rsam.data.synthetic import generate
 from rsam.data.tokenizer import RSAMTokenizer
 
@@ -41,14 +43,21 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="dataloader workers (0: in this process)")
     p.add_argument("--negative-ratio", type=float, default=1.0)
     p.add_argument("--vocab", default=DEFAULT_VOCAB)
+    p.add_argument("--format", default="risors", choices=("risors", "rrsisd", "refsegrs", "risbench", "jsonl"))
+    p.add_argument("--open-expressions", type=int, default=0, metavar="N",
+                   help="instead: time opening an N-expression dataset and reading its first sample, "
+                        "the first time and again (with the cache)")
     args = p.parse_args()
     torch.set_num_threads(1)  # a dataloader worker runs single-threaded
+    if args.open_expressions:
+        return time_open(args)
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
-        generate(root, args.num_images, args.size, seed=0, val_fraction=0.0, test_fraction=0.0)
+        generate(root, args.num_images, args.size, seed=0, val_fraction=0.0, test_fraction=0.0, format=args.format)
         gen_s = time.perf_counter() - t0
-        dataset = RISORSDataset(root, "train", resolution=args.resolution, negative_ratio=args.negative_ratio)
+        dataset = ReferringDataset(root, "train", resolution=args.resolution, negative_ratio=args.negative_ratio,
+                                   format=args.format)
         collate = Collator(RSAMTokenizer(args.vocab, "official"), max_expressions_per_batch=24)
 
         # (index, epoch) pairs, as the training sampler yields them; the dataset is cycled.
@@ -78,6 +87,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "data",
+                "format": args.format,
                 "samples_per_s_per_worker": round(n / elapsed / max(args.workers, 1), 1),
                 "cpu_samples_per_s_per_worker": round(cpu_rate, 1),
                 "workers": args.workers,
@@ -94,6 +104,30 @@ def main() -> None:
             }
         )
     )
+
+
+def time_open(args) -> None:
+    """Open an ``--open-expressions``-expression dataset twice in fresh processes' conditions: the first time
+    (empty cache: pickle read and index built) and the second time (cache filled)."""
+    with tempfile.TemporaryDirectory() as root:
+        os.environ["RSAM_CACHE_DIR"] = os.path.join(root, "cache")
+        data = os.path.join(root, "data")
+        per_image = 3 * 4.3  # three expressions per object, about 4.3 objects per image
+        images = max(1, int(round(args.open_expressions / per_image)))
+        t0 = time.perf_counter()
+        generate(data, images, 32, seed=0, expressions_per_object=3, format=args.format, write_vocabulary=False)
+        gen_s = time.perf_counter() - t0
+        times, count = [], 0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            datasets = [ReferringDataset(data, split, format=args.format, training=split == "train",
+                                         resolution=32) for split in ("train", "val", "test")]
+            datasets[0][(0, 0)]
+            times.append(time.perf_counter() - t0)
+            count = sum(len(r.load_annotations(n)) for d in datasets for r in [d.reader] for n in d.names)
+    print(json.dumps({"benchmark": "data_open", "format": args.format, "expressions": count, "images": images,
+                      "open_and_first_sample_s": round(times[0], 2), "again_with_cache_s": round(times[1], 2),
+                      "generate_s": round(gen_s, 1)}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from rsam.data.batch import Batch, Collator, ImageSample, cap_expressions
-from rsam.data.dataset import RISORSDataset
+from rsam.data.dataset import ReferringDataset
 from rsam.data.errors import DataError
 from rsam.data.loaders import build_eval_loader, build_train_loader
 from rsam.data.samplers import ShardedEvalSampler, TrainSampler
@@ -191,7 +191,7 @@ def test_reader_round_trip_on_synthetic(synthetic, tmp_path):
     root, scenes = synthetic
     by_name = {s.name: s for s in scenes}
     train_names = (root / "RISORS_train.txt").read_text().split()
-    ds = RISORSDataset(str(root), "train", training=False, resolution=128)
+    ds = ReferringDataset(str(root), "train", training=False, resolution=128)
     assert ds.names == train_names and len(ds) == sum(s.split == "train" for s in scenes)
     for i in range(len(ds)):
         sample = ds[i]
@@ -211,7 +211,7 @@ def test_reader_round_trip_on_synthetic(synthetic, tmp_path):
         t is None for s in scenes if s.split == "train" for t in s.targets
     )
     # empty_annotations="negative": the area-0 records come back as in-image no-target expressions
-    ds_neg = RISORSDataset(str(root), "train", training=False, resolution=64, empty_annotations="negative")
+    ds_neg = ReferringDataset(str(root), "train", training=False, resolution=64, empty_annotations="negative")
     for i in range(len(ds_neg)):
         s = ds_neg[i]
         scene = by_name[s.name]
@@ -221,7 +221,7 @@ def test_reader_round_trip_on_synthetic(synthetic, tmp_path):
     # a hand-written split list with whitespace, extensions and blank lines
     lst = tmp_path / "list.txt"
     lst.write_text(f"  {train_names[0]}.jpg \n\n{train_names[1]}\t\n")
-    assert RISORSDataset(str(root), file_list=str(lst), training=False).names == train_names[:2]
+    assert ReferringDataset(str(root), file_list=str(lst), training=False).names == train_names[:2]
     # original-resolution access for scoring
     orig = ds.read_original(0)
     assert orig["image"].shape == (128, 128, 3) and orig["masks"].shape[1:] == (128, 128)
@@ -241,9 +241,9 @@ def test_reader_accepts_bytes_and_uncompressed_rle(tmp_path):
     rec_list["segmentation"]["counts"] = runs + [run]
     _write(tmp_path, "img", [rec_bytes, rec_list])
     _split(tmp_path, "test", ["img"])
-    ds = RISORSDataset(str(tmp_path), "test", resolution=32)
+    ds = ReferringDataset(str(tmp_path), "test", resolution=32)
     # a bytes RLE (as pycocotools returns it) goes through the same parser as the JSON str
-    from rsam.data.risors import _parse_record
+    from rsam.data.readers.risors import _parse_record
 
     seg = dict(rec_bytes["segmentation"], counts=rec_bytes["segmentation"]["counts"].encode())
     assert _parse_record(dict(rec_bytes, segmentation=seg), 0, "x.json").segmentation["counts"] == seg["counts"]
@@ -271,7 +271,8 @@ def _test_masks() -> List[np.ndarray]:
 
 
 def test_rle_decoder_matches_pycocotools(tmp_path):
-    from rsam.data.risors import Annotation, RISORSReader
+    from rsam.data.readers import Annotation
+    from rsam.data.readers.risors import RISORSReader
     from rsam.data.rle import FAST_RLE_MAX_CHARS, fill_rle, rle_counts
 
     masks = _test_masks()
@@ -288,7 +289,7 @@ def test_rle_decoder_matches_pycocotools(tmp_path):
     for shape in ((64, 48), (64, 64)):  # ellipses (fast path); the 64x64 noise mask (pycocotools path)
         group = [(m, r) for m, r in zip(masks, rles) if m.shape == shape]
         anns = [Annotation(i, "x", "c", 1.0, {"size": list(shape), "counts": r["counts"]}) for i, (_, r) in enumerate(group)]
-        decoded = reader.decode_masks("img", anns)
+        decoded = reader.decode_masks("img", anns, shape)
         assert decoded.flags["C_CONTIGUOUS"] and np.array_equal(decoded, np.stack([m for m, _ in group]))
     bad = [
         Annotation(0, "x", "c", 1.0, {"size": [37, 53], "counts": rles[4]["counts"][:-1]}),  # truncated
@@ -297,12 +298,12 @@ def test_rle_decoder_matches_pycocotools(tmp_path):
     ]
     for ann in bad:
         with pytest.raises(DataError, match=r"img\.json: annotations\[0\]\.segmentation: invalid RLE"):
-            reader.decode_masks("img", [ann])
+            reader.decode_masks("img", [ann], tuple(ann.segmentation["size"]))
     mixed = [Annotation(2, "x", "c", 1.0, {"size": [37, 53], "counts": rles[4]["counts"]}),
              Annotation(5, "x", "c", 1.0, {"size": [37, 54], "counts": rles[4]["counts"]})]
-    with pytest.raises(DataError, match=r"img\.json: annotations\[5\]\.segmentation\.size \[37, 54\] != \[37, 53\] "
-                                        r"\(annotations\[2\]\.segmentation\.size\)"):
-        reader.decode_masks("img", mixed)
+    with pytest.raises(DataError, match=r"img\.json: annotations\[5\]\.segmentation\.size \[37, 54\] != image size "
+                                        r"\[37, 53\]"):
+        reader.decode_masks("img", mixed, (37, 53))
 
 
 # ------------------------------------------------------------------------------------------------ negatives
@@ -327,7 +328,7 @@ def _negatives(sample: ImageSample) -> List[str]:
 
 
 def test_negatives_rate_and_validity(category_dataset):
-    ds = RISORSDataset(str(category_dataset), "train", resolution=16, negative_ratio=1.0, seed=5)
+    ds = ReferringDataset(str(category_dataset), "train", resolution=16, negative_ratio=1.0, seed=5)
     counts = []
     for epoch in range(10):
         for i in range(len(ds)):
@@ -342,13 +343,13 @@ def test_negatives_rate_and_validity(category_dataset):
     mean = float(np.mean(counts))
     assert abs(mean - 1.0) < 0.2, f"mean negatives per image {mean:.3f}, expected Poisson(1.0)"
     assert 0.15 < np.mean(np.asarray(counts) == 0) < 0.6  # P(k=0) = e^-1 = 0.37
-    ds0 = RISORSDataset(str(category_dataset), "train", resolution=16, negative_ratio=0.0)
+    ds0 = ReferringDataset(str(category_dataset), "train", resolution=16, negative_ratio=0.0)
     assert all(not any(ds0[(i, 0)].is_negative) for i in range(len(ds0)))
 
 
 def test_negatives_reproducible_and_different_across_workers(category_dataset):
     def draws(seed: int, workers: int, epoch: int = 0) -> List[tuple]:
-        ds = RISORSDataset(str(category_dataset), "train", resolution=16, negative_ratio=1.0, seed=seed)
+        ds = ReferringDataset(str(category_dataset), "train", resolution=16, negative_ratio=1.0, seed=seed)
         order = [(i, epoch) for i in range(len(ds))]
         loader = DataLoader(ds, batch_size=1, sampler=order, num_workers=workers, collate_fn=lambda b: b[0])
         return [(s.name, tuple(_negatives(s))) for s in loader]
@@ -409,7 +410,7 @@ BAD_CASES = {"image": "image", "truncated": "image", "json": "json", "field": "f
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_raises_naming_the_file(tmp_path, case):
     named = _bad_dataset(tmp_path, case)
-    ds = RISORSDataset(str(tmp_path), "val", resolution=32)
+    ds = ReferringDataset(str(tmp_path), "val", resolution=32)
     assert ds[0] is not None
     for read in (ds.__getitem__, ds.read_original):  # training/eval sample and the original-resolution reader
         with pytest.raises(DataError) as err:
@@ -423,8 +424,8 @@ def test_bad_input_raises_naming_the_file(tmp_path, case):
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_skipped_and_counted(tmp_path, case, caplog):
     named = _bad_dataset(tmp_path, case)
-    ds = RISORSDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
-    with caplog.at_level(logging.WARNING, logger="rsam.data.risors"):
+    ds = ReferringDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
+    with caplog.at_level(logging.WARNING, logger="rsam.data.readers.risors"):
         samples = [ds[i] for i in range(len(ds))]
     assert samples[1] is None and samples[0] is not None and samples[2] is not None
     counts = ds.bad_sample_counts()
@@ -436,7 +437,7 @@ def test_bad_input_skipped_and_counted(tmp_path, case, caplog):
     collate = Collator(_FakeTokenizer())
     assert collate(samples).num_images == 2 and collate([None]) is None
     # training replaces a bad image with another one instead of shrinking the batch
-    ds_train = RISORSDataset(str(tmp_path), "val", training=True, resolution=32, skip_bad_samples=True)
+    ds_train = ReferringDataset(str(tmp_path), "val", training=True, resolution=32, skip_bad_samples=True)
     assert ds_train[(1, 0)].name in ("ok_1", "ok_2")
     ds.reset_bad_sample_counts()
     assert not any(ds.bad_sample_counts().values())
@@ -447,8 +448,8 @@ def test_bad_record_skipped_keeps_good_records(tmp_path):
     _write(tmp_path, "img", recs)
     _split(tmp_path, "val", ["img"])
     with pytest.raises(DataError, match=r"img\.json: annotations\[1\] has no 'description'"):
-        RISORSDataset(str(tmp_path), "val")[0]
-    ds = RISORSDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
+        ReferringDataset(str(tmp_path), "val")[0]
+    ds = ReferringDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
     assert ds[0].descriptions == ["fine"] and ds.bad_sample_counts()["field"] == 1
 
 
@@ -456,15 +457,15 @@ def test_split_list_naming_missing_file(tmp_path):
     _write(tmp_path, "ok", [_record(_box(), "fine", "x")])
     _split(tmp_path, "test", ["ok", "ghost"])
     with pytest.raises(DataError) as err:
-        RISORSDataset(str(tmp_path), "test")
+        ReferringDataset(str(tmp_path), "test")
     assert "RISORS_test.txt" in str(err.value) and "ghost.jpg" in str(err.value)
-    ds = RISORSDataset(str(tmp_path), "test", skip_bad_samples=True)
+    ds = ReferringDataset(str(tmp_path), "test", skip_bad_samples=True)
     assert ds.names == ["ok"] and ds.bad_sample_counts()["missing_file"] == 2  # image and annotation file
 
 
 def test_bad_counts_reach_the_main_process_from_workers(tmp_path):
     _bad_dataset(tmp_path, "json")
-    ds = RISORSDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
+    ds = ReferringDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
     loader = build_eval_loader(ds, Collator(_FakeTokenizer()), batch_size=1, num_workers=2)
     batches = list(loader)
     assert sum(b is None for b in batches) == 1
@@ -571,7 +572,7 @@ def test_cap_expressions_properties():
 
 def test_collate_batch_fields(synthetic, tokenizer):
     root, _ = synthetic
-    ds = RISORSDataset(str(root), "train", training=True, resolution=64, negative_ratio=1.0, seed=0)
+    ds = ReferringDataset(str(root), "train", training=True, resolution=64, negative_ratio=1.0, seed=0)
     batch = Collator(tokenizer, 24)([ds[(i, 0)] for i in range(4)])
     n = batch.num_expressions
     assert batch.images.shape == (4, 3, 64, 64) and batch.images.dtype == torch.uint8
@@ -621,7 +622,7 @@ def test_sharded_eval_sampler_covers_each_image_once():
 
 
 def test_train_loader_epochs_and_workers(category_dataset):
-    ds = RISORSDataset(str(category_dataset), "train", resolution=16, negative_ratio=0.5)
+    ds = ReferringDataset(str(category_dataset), "train", resolution=16, negative_ratio=0.5)
     loader = build_train_loader(ds, Collator(_FakeTokenizer(), 24), batch_size=4, num_workers=2, seed=0, rank=0,
                                 world_size=2, persistent_workers=True)
     assert isinstance(loader.sampler, TrainSampler) and len(loader) == 5  # 20 of 40 images on this rank

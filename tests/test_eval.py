@@ -227,3 +227,22 @@ def test_cli_exit_status(setup, tmp_path):
     assert (tmp_path / "ok" / "metrics.json").is_file()
     bad = subprocess.run(base + ["--split", "nosuch"], capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert bad.returncode == 2 and "no data.nosuch section" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["rrsisd", "refsegrs", "jsonl"])
+def test_eval_reads_every_format_with_the_same_result(setup, fmt):
+    """The same draw written as another release format: read by training/eval.py through the config's format."""
+    root = setup["tmp"] / f"data_{fmt}"
+    if not root.exists():
+        generate(str(root), 10, size=96, seed=3, neg_ratio=0.6, val_fraction=0.0, test_fraction=0.5, format=fmt)
+    plain = ["data.test.dataset.empty_annotations=skip", "data.test.dataset.negative_ratio=0.0"]
+    reference = run_eval(setup, *plain)["metrics"]
+    other = run_eval(setup, *plain, f"data.test.dataset.format={fmt}", f"data.test.dataset.root={root}")["metrics"]
+    if fmt == "refsegrs":  # lossless TIFF pixels instead of the JPEG copy: the same expressions, other scores
+        assert other["num_expressions"] == reference["num_expressions"] and 0 <= other["mIoU"] <= 1
+        return
+    # jsonl keeps its explicit no-target lines ("mask": null): its positives are the RISORS expressions
+    prefix = "pos/" if fmt == "jsonl" else ""
+    assert fmt != "jsonl" or other["num_expressions"] > reference["num_expressions"]
+    for key in ("mIoU", "oIoU", "Pr@0.5"):
+        assert other[prefix + key] == pytest.approx(reference[key], abs=1e-9), key

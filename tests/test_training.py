@@ -274,6 +274,35 @@ def test_short_training_on_synthetic_data_learns(tmp_path, data_root):
     assert best["best"]["mIoU"] == max(curve) and best["best"]["epoch"] == curve.index(max(curve))
 
 
+def test_mixed_training_validates_each_dataset_and_reports_leaks(tmp_path, data_root):
+    """Two formats of the same draw: train on a MixedDataset of both, validate on each val split."""
+    from omegaconf import OmegaConf
+
+    from rsam.data.synthetic import generate
+
+    jsonl_root = str(tmp_path / "jsonl")
+    generate(jsonl_root, num_images=80, size=64, seed=0, min_objects=2, max_objects=2, min_object_frac=0.2,
+             max_object_frac=0.35, val_fraction=0.2, test_fraction=0.1, format="jsonl")
+    cfg = make_cfg(tmp_path / "exp", data_root, "trainer.max_epochs=1", "trainer.log_every=100")
+    OmegaConf.set_struct(cfg, False)
+    train, val = cfg.data.train.dataset, cfg.data.val
+    other = OmegaConf.merge(train, {"format": "jsonl", "root": jsonl_root})
+    cfg.data.train.dataset = OmegaConf.create({"_target_": "rsam.data.mixed.MixedDataset", "seed": 0,
+                                               "weights": {"risors": 1.0, "jsonl": 1.0}, "epoch_size": 24,
+                                               "datasets": {"risors": train, "jsonl": other}})
+    cfg.data.val = OmegaConf.create({"risors": val, "jsonl": OmegaConf.merge(
+        val, {"dataset": {"format": "jsonl", "root": jsonl_root}})})
+    trainer = Trainer(cfg)
+    trainer.run()
+    trainer.close()
+    log = (tmp_path / "exp" / "logs" / "log.txt").read_text()
+    assert "leakage guard: no training image appears in val/jsonl, val/risors" in log
+    record = read_jsonl(tmp_path / "exp" / "logs" / "val_stats.jsonl")[-1]
+    assert record["risors/mIoU"] == pytest.approx(record["jsonl/mIoU"], abs=1e-6)  # same images and masks
+    assert record["mIoU"] == pytest.approx((record["risors/mIoU"] + record["jsonl/mIoU"]) / 2)
+    assert record["num_expressions"] == record["risors/num_expressions"] + record["jsonl/num_expressions"]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_trains_end_to_end_and_writes_the_experiment_dir(tmp_path, data_root):
     log_dir = tmp_path / "exp"

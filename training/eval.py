@@ -118,10 +118,16 @@ def _instantiate(node, what: str):
 
 
 def split_section(cfg, split: str):
-    data = cfg.get("data") or {}
-    if data.get(split) is None:
-        raise EvalError(f"the config has no data.{split} section (has: {sorted(data)})")
-    return data[split]
+    """``data.<split>``; a dotted name (``val.rrsisd``) picks one dataset of a multi-dataset section."""
+    node, path = cfg.get("data") or {}, "data"
+    for part in split.split("."):
+        if node.get(part) is None:
+            raise EvalError(f"the config has no {path}.{part} section (has: {sorted(node)})")
+        node, path = node[part], f"{path}.{part}"
+    if "dataset" not in node:
+        raise EvalError(f"{path} holds several datasets: pick one with --split {split}.<name> "
+                        f"(one of {sorted(node)})")
+    return node
 
 
 def build_dataset(cfg, split: str):

@@ -35,8 +35,10 @@ from rsam import distributed as D
 from rsam.build import build_rsam
 from rsam.checkpoint import (Checkpointer, TrainingProgress, initialise_from_pretrained, load_weights,
                              seed_everything)
+from rsam.data.leakage import LeakageError, report_leaks
 from rsam.data.loaders import build_train_loader
 from rsam.evaluation import Evaluator
+from rsam.evaluation.metrics import combine_metrics
 from rsam.evaluation.writers import PanelCollector
 from training.logger import ExperimentLogger, format_metrics, progress_bar, setup_logging
 from training.optimizer import OptimConfig, build_optimizer
@@ -81,6 +83,8 @@ class TrainerConf:
     stop_after_steps: Optional[int] = None  # save and stop like a preemption after this global step
     allow_tf32: bool = True
     dist_timeout_min: int = 30
+    check_leakage: bool = True  # report training images that also appear (by content) in val / test
+    strict_leakage: bool = False  # ... and stop with an error
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
 
 
@@ -179,6 +183,7 @@ class Trainer:
         """Train the epoch in progress from where it stands; False if stopped early (checkpoint saved)."""
         if self.train_loader is None:  # built once: persistent workers live across epochs
             self.train_loader = self._make_train_loader()
+            self._check_leakage()
         loader, progress = self.train_loader, self.progress
         loader.sampler.set_epoch(progress.epoch)  # the epoch's shuffle and augmentation seeds
         loader.sampler.set_start(0)
@@ -303,13 +308,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split: str) -> Dict[str, float]:
         """Metrics of the current weights on ``split`` (identical on every rank)."""
-        evaluator = self._evaluator(split)
         panels = PanelCollector(self.opts.num_visuals if self.dist.is_main else 0)
-        metrics = evaluator.run(self.model, callbacks=[panels], device=self.device).metrics
         epoch, step = self.progress.epoch, self.progress.step
-        LOG.info("%s (epoch %d, %d expressions, %s): %s", split, epoch, metrics["num_expressions"],
-                 evaluator.convention.name, format_metrics(metrics, ["mIoU", "oIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9",
-                                                                     "mDice", "N-acc"]))
+        per_dataset = {}
+        for name, evaluator in self._evaluators(split).items():
+            per_dataset[name] = evaluator.run(self.model, callbacks=[panels], device=self.device).metrics
+            LOG.info("%s (epoch %d, %d expressions, %s): %s", evaluator.name, epoch,
+                     per_dataset[name]["num_expressions"], evaluator.convention.name,
+                     format_metrics(per_dataset[name], ["mIoU", "oIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9", "mDice",
+                                                        "N-acc"]))
+        metrics = combine_metrics(per_dataset)
         self.logger.scalars({k: v for k, v in metrics.items() if not k.startswith("cat/")}, step, prefix=f"{split}/")
         self.logger.json(split, {"epoch": epoch, "step": step, **metrics})
         for j, (sample_id, panel) in enumerate(panels.panels):
@@ -318,17 +326,36 @@ class Trainer:
         self.logger.flush()
         return metrics
 
-    def _evaluator(self, split: str) -> Evaluator:
+    def _evaluators(self, split: str) -> Dict[str, Evaluator]:
+        """The split's evaluators: ``{"": one}`` for a ``data.<split>`` section, ``{name: ...}`` for a mapping of
+        named sections (one per dataset of a mixed run)."""
         if split not in self.evaluators:
             node = self.cfg.data.get(split)
             if node is None:
                 raise ValueError(f"no data.{split} section in the config")
-            self.evaluators[split] = Evaluator(
-                instantiate(node.dataset), instantiate(node.collate), int(node.batch_size), int(node.num_workers),
+            sections = {"": node} if "dataset" in node else dict(node.items())
+            self.evaluators[split] = {name: Evaluator(
+                instantiate(sec.dataset), instantiate(sec.collate), int(sec.batch_size), int(sec.num_workers),
                 convention=self.opts.metric_convention, amp_dtype=self.amp_dtype,
-                progress=self.dist.is_main and self.opts.progress_bar, name=split,
-                rank=self.dist.rank, world_size=self.dist.world_size)
+                progress=self.dist.is_main and self.opts.progress_bar, name=f"{split}/{name}" if name else split,
+                rank=self.dist.rank, world_size=self.dist.world_size) for name, sec in sections.items()}
         return self.evaluators[split]
+
+    def _check_leakage(self) -> None:
+        """Rank 0 hashes the images; every rank learns whether to stop."""
+        if not self.opts.check_leakage:
+            return
+        failed = None
+        if self.dist.is_main:
+            evals = {f"{split}/{name}" if name else split: ev.dataset
+                     for split in ("val", self.opts.test_split) if split and self.cfg.data.get(split) is not None
+                     for name, ev in self._evaluators(split).items()}
+            try:
+                report_leaks(self.train_loader.dataset, evals, self.opts.strict_leakage, LOG)
+            except LeakageError as e:
+                failed = e
+        if D.any_rank(failed is not None, device=self._collective_device()):
+            raise failed or LeakageError("leakage guard failed on rank 0 (trainer.strict_leakage: true)")
 
     def _update_best(self, metrics: Dict[str, float]) -> None:
         key, best = self.opts.best_metric, self.progress.best

@@ -1,6 +1,7 @@
 """Per-image referring samples for training and evaluation: expression selection, no-target expressions, bad input.
 
-Reads through :class:`rsam.data.risors.RISORSReader`; the dataset itself knows nothing of the file format.
+Reads through a format reader (:mod:`rsam.data.readers`: risors, rrsisd, refsegrs, risbench, jsonl); the dataset
+itself knows nothing of file formats.
 
 No-target ("negative") expressions, as the paper describes and the official code fails to do
 (docs/official_differences.md, B1): for each image draw ``k ~ Poisson(negative_ratio)`` expressions, uniformly
@@ -30,10 +31,10 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rsam.data.batch import ImageSample
 from rsam.data.errors import COUNT_KEYS, DataError
-from rsam.data.risors import Annotation, RISORSReader
+from rsam.data.readers import Annotation, open_reader
 from rsam.data.transforms import EvalTransform, TrainTransform
 
-__all__ = ["RISORSDataset"]
+__all__ = ["ReferringDataset"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,14 @@ def _worker_id() -> int:
     return -1 if info is None else info.id
 
 
-class RISORSDataset(Dataset):
-    """Per-image RISORS samples (:class:`rsam.data.batch.ImageSample`) for training or evaluation.
+class ReferringDataset(Dataset):
+    """Per-image referring samples (:class:`rsam.data.batch.ImageSample`) for training or evaluation.
 
     Args:
-        root, split, file_list, path_manager: see :class:`RISORSReader`.
+        root, split: dataset root and split name.
+        format: the on-disk format (``rsam.data.readers.FORMATS``).
+        reader_options: format-specific reader arguments (e.g. ``file_list`` for risors, ``dataset_name`` /
+            ``split_by`` / ``prefix`` / ``shared_text`` for rrsisd, ``category_names`` for refsegrs / risbench).
         transform: ``(image, masks, descriptions, rng) -> (image, masks, descriptions)``; default
             ``TrainTransform(resolution)`` when training, ``EvalTransform(resolution)`` otherwise.
         training: random subsampling of expressions (up to ``max_expressions_per_image``) and retry-on-bad-sample;
@@ -82,10 +86,12 @@ class RISORSDataset(Dataset):
         seed: int = 0,
         skip_bad_samples: bool = False,
         empty_annotations: str = "skip",
-        file_list: Optional[str] = None,
         jpeg_draft: bool = True,
         check_files: bool = True,
         max_retries: int = 10,
+        format: str = "risors",
+        reader_options: Optional[Dict] = None,
+        file_list: Optional[str] = None,
         path_manager: Optional[PathManager] = None,
     ):
         if empty_annotations not in ("skip", "negative"):
@@ -94,7 +100,11 @@ class RISORSDataset(Dataset):
             raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
         if max_expressions_per_image is not None and max_expressions_per_image < 1:
             raise ValueError(f"max_expressions_per_image must be >= 1 or None, got {max_expressions_per_image}")
-        self.reader = RISORSReader(root, split, file_list, path_manager)
+        options = dict(reader_options or {})
+        if file_list is not None:
+            options["file_list"] = file_list
+        self.format = format
+        self.reader = open_reader(format, root, split, path_manager=path_manager, **options)
         self.training = (split == "train") if training is None else bool(training)
         if transform is None:
             transform = TrainTransform(resolution) if self.training else EvalTransform(resolution)
@@ -113,6 +123,10 @@ class RISORSDataset(Dataset):
         self._warned: set = set()
 
         self.names: List[str] = list(self.reader.names)
+        for problem in self.reader.problems:  # records no image owns (a malformed line, a ref without image)
+            self._handle_bad(problem)
+        if not self.names:
+            raise DataError(self.reader.where, "no usable image in this split", "no_annotations")
         if check_files:
             self._drop_missing_files()
         self._build_negative_index()
@@ -168,7 +182,7 @@ class RISORSDataset(Dataset):
         missing = self.reader.missing_files(self.names)
         if not missing:
             return
-        where = self.reader.file_list or self.reader.join("JPEGImages")
+        where = self.reader.where
         if not self.skip_bad_samples:
             shown = ", ".join(p for _, p in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -205,6 +219,8 @@ class RISORSDataset(Dataset):
         groups: Dict[str, List[int]] = {}
         for anns in per_image:
             for ann in anns:
+                if ann.category is None or ann.empty:  # unknown meaning: never drawn as a no-target expression
+                    continue
                 groups.setdefault(ann.category, []).append(len(self._neg_descriptions))
                 self._neg_descriptions.append(ann.description)
                 self._neg_categories.append(ann.category)
@@ -274,7 +290,7 @@ class RISORSDataset(Dataset):
         negatives = self.sample_negatives({a.category for a in valid if not a.empty}, rng)
 
         positives = [a for a in selected if not a.empty]
-        masks = reader.decode_masks(name, positives) if positives else np.zeros((0, h, w), bool)
+        masks = reader.decode_masks(name, positives, (h, w))
         draft = self.resolution if self.jpeg_draft else None
         pixels = reader.decode_image(name, image, draft)
         descriptions = [a.description for a in selected] + [self._neg_descriptions[j] for j in negatives]
@@ -319,7 +335,7 @@ class RISORSDataset(Dataset):
         masks = np.zeros((len(anns), h, w), dtype=bool)
         nonempty = [i for i, a in enumerate(anns) if not a.empty]
         if nonempty:
-            masks[nonempty] = self.reader.decode_masks(name, [anns[i] for i in nonempty])
+            masks[nonempty] = self.reader.decode_masks(name, [anns[i] for i in nonempty], (h, w))
         return {
             "name": name,
             "image": np.asarray(self.reader.decode_image(name, image)),

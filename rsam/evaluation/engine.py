@@ -215,7 +215,7 @@ class Evaluator:
     """One split, evaluated as often as needed with one loader (built here, once; workers persist).
 
     Args:
-        dataset: a dataset of :class:`rsam.data.batch.ImageSample` (e.g. ``RISORSDataset`` in eval mode).
+        dataset: a dataset of :class:`rsam.data.batch.ImageSample` (e.g. ``ReferringDataset`` in eval mode).
         collate: the ``Collator`` that turns samples into a :class:`Batch`.
         batch_size, num_workers: of the loader; this rank's shard of the images (no padding).
         convention, resolution, amp_dtype, progress: see :func:`evaluate`.

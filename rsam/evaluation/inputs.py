@@ -22,7 +22,7 @@ def original_gt_masks(dataset, name: str, annotation_ids: Sequence[int], size: T
     """Ground truth of ``annotation_ids`` of image ``name`` at its original ``size`` (h, w) -> bool (k, h, w).
 
     Negative ids (no-target expressions drawn from other images) and empty records give all-False masks.
-    ``dataset`` is a :class:`rsam.data.dataset.RISORSDataset` (its reader and empty-record rule are used).
+    ``dataset`` is a :class:`rsam.data.dataset.ReferringDataset` (its reader and empty-record rule are used).
     """
     h, w = size
     out = torch.zeros((len(annotation_ids), h, w), dtype=torch.bool)
@@ -32,7 +32,7 @@ def original_gt_masks(dataset, name: str, annotation_ids: Sequence[int], size: T
     anns = {a.index: a for a in dataset.reader.load_annotations(name, keep_empty=dataset.keep_empty)}
     rows = [(j, anns[aid]) for j, aid in enumerate(annotation_ids) if aid >= 0 and not anns[aid].empty]
     if rows:
-        decoded = dataset.reader.decode_masks(name, [a for _, a in rows])
+        decoded = dataset.reader.decode_masks(name, [a for _, a in rows], (h, w))
         out[[j for j, _ in rows]] = torch.from_numpy(np.ascontiguousarray(decoded)).bool()
     return out
 

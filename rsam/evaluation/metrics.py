@@ -40,6 +40,7 @@ __all__ = [
     "per_expression_iou",
     "compute_metrics",
     "gather_stats",
+    "combine_metrics",
     "format_metrics",
     "MetricAccumulator",
 ]
@@ -424,3 +425,19 @@ class MetricAccumulator:
             warnings.warn(f"MetricAccumulator: {bad} expression(s) flagged is_negative have a non-empty ground "
                           f"truth mask; no-target metrics use the masks (gt_empty), not the flag")
         return metrics
+
+
+def combine_metrics(per_dataset: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Metrics of several evaluation datasets in one dict: ``<name>/<metric>`` for each, and under the plain
+    metric name the mean over datasets (each dataset weighs the same; ``num_expressions`` is the total).
+    One dataset named ``""`` passes through unchanged."""
+    if list(per_dataset) == [""]:
+        return dict(per_dataset[""])
+    out: Dict[str, float] = {}
+    for name, metrics in per_dataset.items():
+        out.update({f"{name}/{k}": v for k, v in metrics.items()})
+    shared = set.intersection(*(set(m) for m in per_dataset.values()))
+    for key in sorted(k for k in shared if not k.startswith("cat/")):
+        values = [m[key] for m in per_dataset.values()]
+        out[key] = sum(values) if key == "num_expressions" else math.fsum(values) / len(values)
+    return out

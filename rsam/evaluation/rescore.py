@@ -24,7 +24,7 @@ def rescore(pred_dir: str, dataset, convention: Union[None, str, MetricConventio
 
     Args:
         pred_dir: a ``--save-predictions`` folder.
-        dataset: the evaluated split (a :class:`rsam.data.dataset.RISORSDataset` with the same settings).
+        dataset: the evaluated split (a :class:`rsam.data.dataset.ReferringDataset` with the same settings).
         convention: default the one recorded in the JSON. The masks are already binary, so only the Pr@X rule
             can change; the foreground threshold stays the recorded one.
     Returns:

@@ -1,10 +1,29 @@
-"""Synthetic RISORS-format dataset: procedurally drawn aerial-like scenes with referring expressions.
+"""Synthetic referring-segmentation datasets: procedurally drawn aerial-like scenes with referring expressions.
 
     python -m rsam.data.synthetic --out data/demo --num-images 600 --size 256 --seed 0 [--neg-ratio 0.5]
+        [--format {risors,rrsisd,refsegrs,risbench,jsonl}]
 
-writes ``JPEGImages/<name>.jpg``, ``Annotations/<name>.json`` (COCO RLE ``segmentation``, ``area``,
-``description``, ``name``) and ``RISORS_{train,val,test}.txt`` -- exactly what :mod:`rsam.data.risors` reads --
-plus ``vocab.txt``, a small WordPiece vocabulary of the grammar for a tiny text encoder.
+draws the scenes once and writes them in one public release format (:mod:`rsam.data.synthetic.formats`), so every
+reader can be tested offline; every format also gets ``vocab.txt``, a small WordPiece vocabulary of the grammar
+for a tiny text encoder. Formats (paths relative to ``--out``):
+
+    risors    (default) ``JPEGImages/<name>.jpg``, ``Annotations/<name>.json`` (COCO RLE ``segmentation``,
+              ``area``, ``description``, ``name``) and ``RISORS_{train,val,test}.txt`` -- what
+              :mod:`rsam.data.readers.risors` reads.
+    rrsisd    REFER style, the RMSIN release of RRSIS-D: ``rrsisd/refs(unc).p`` (pickled list of refs with
+              sentences), ``rrsisd/instances.json`` (COCO-like; RLE list or, with ``--polygons``, outline polygons;
+              ``categories_id`` (sic), 0-based categories, a deliberately wrong ``area``), JPEGs in
+              ``images/rrsisd/JPEGImages/``. ``--refer-name``/``--refer-split-by``/``--refer-prefix`` change the
+              names (NWPU-Refer: prefix ``new_``); ``--shared-text-refs N`` gives N images two refs with one
+              multi-object sentence; ``--defects`` saves the first two JPEGs a few pixels smaller than declared.
+    refsegrs  ``images/<id>.tif``, ``masks/<id>.tif`` (0/255; ``--mask-channels 3`` for RGB masks) and
+              ``output_phrase_{train,val,test}.txt`` lines ``<id> <expression>``: one image copy per expression.
+    risbench  ``img_rgb/<id>.png``, ``mask/<id>.png`` (0/255) and ``output_phrase_{split}.txt`` lines
+              ``<id>.png <expression>``: one image copy per expression.
+    jsonl     our custom-data format: ``images/<name>.jpg`` and ``manifest.jsonl``, one JSON object per expression
+              (image, height, width, split, text, RLE mask or null, category, source).
+
+No-target records exist only in risors (empty mask, area 0) and jsonl (mask null); the other formats skip them.
 
 Scenes: textured ground with field patches and roads; 3-6 non-overlapping objects (storage tanks, airplanes,
 vehicles, buildings, ships) in five colours, with random sizes (a fraction of the image side), orientations and
@@ -20,7 +39,7 @@ Every expression is checked to single out its object among *all* objects of the 
 positions and sizes so that no expression is borderline; :func:`resolve` parses an expression back and evaluates
 it on the scene (used by the tests). With ``neg_ratio > 0`` each image also gets ``k ~ Poisson(neg_ratio)``
 no-target records (an absent category or colour/category pair) with an empty mask and ``area`` 0; the official
-reader skips them, ``RISORSDataset(empty_annotations="negative")`` uses them as in-image no-target expressions.
+reader skips them, ``ReferringDataset(empty_annotations="negative")`` uses them as in-image no-target expressions.
 
 Everything is drawn with vectorised numpy on the object's own patch; one generator per (seed, image index) makes
 the output deterministic and independent of ``num_images`` for the images they share.
@@ -28,21 +47,19 @@ the output deterministic and independent of ``num_images`` for the images they s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
-from rsam.data.rle import encode_rle
-from rsam.data.synthetic.language import candidate_expressions, negative_candidates, negative_category, resolve
+from rsam.data.synthetic.formats import FORMATS, DrawnImage, FormatOptions, check_options
+from rsam.data.synthetic.language import candidate_expressions, negative_candidates, resolve
 from rsam.data.synthetic.scene import (CATEGORIES, COLOURS, DIRECTIONS, KIND_WEIGHTS, ORDINALS, REGIONS, RELATIONS,
                                        SceneObject, SceneRecord, layout, render)
 
 __all__ = ["generate", "make_scene", "resolve", "write_vocab", "grammar_words", "SceneObject", "SceneRecord",
-           "CATEGORIES", "COLOURS", "main"]
+           "CATEGORIES", "COLOURS", "FORMATS", "main"]
 
 
 def _split_of(i: int, n: int, val_fraction: float, test_fraction: float) -> str:
@@ -118,45 +135,49 @@ def generate(
     jpeg_quality: int = 92,
     prefix: str = "synthetic",
     write_vocabulary: bool = True,
+    format: str = "risors",
+    refer_name: str = "rrsisd",
+    refer_split_by: str = "unc",
+    refer_prefix: str = "",
+    polygons: bool = False,
+    shared_text_refs: int = 0,
+    defects: bool = False,
+    mask_channels: int = 1,
 ) -> List[SceneRecord]:
-    """Write a synthetic RISORS-format dataset to ``out_dir`` and return what was drawn (for tests/demos).
+    """Write a synthetic dataset in ``format`` (a key of :data:`FORMATS`) to ``out_dir``; return what was drawn.
 
-    Besides the RISORS files, ``write_vocabulary`` adds ``<out_dir>/vocab.txt``: a ~130-entry WordPiece
-    vocabulary covering the grammar, for a tiny BERT trained from scratch (see :func:`write_vocab`).
+    The scenes, splits and records do not depend on the format. ``refer_*``, ``polygons``, ``shared_text_refs``
+    and ``defects`` apply to "rrsisd", ``mask_channels`` to "refsegrs" (see :class:`FormatOptions`).
+    ``write_vocabulary`` adds ``<out_dir>/vocab.txt``: a ~130-entry WordPiece vocabulary covering the grammar,
+    for a tiny BERT trained from scratch (see :func:`write_vocab`).
     """
     if num_images < 1 or size < 32:
         raise ValueError(f"need num_images >= 1 and size >= 32, got {num_images}, {size}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    for sub in ("JPEGImages", "Annotations"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    options = FormatOptions(jpeg_quality, refer_name, refer_split_by, refer_prefix, polygons, shared_text_refs,
+                            defects, mask_channels)
+    check_options(format, options)
     scenes: List[SceneRecord] = []
-    splits: Dict[str, List[str]] = {"train": [], "val": [], "test": []}
-    empty_rle = encode_rle(np.zeros((size, size), dtype=bool))
-    for i in range(num_images):
-        rng = np.random.default_rng([seed, i])
-        image, masks, objs, records = make_scene(
-            rng, size, min_objects, max_objects, min_object_frac, max_object_frac, expressions_per_object, neg_ratio
-        )
-        name = f"{prefix}_{i:06d}"
-        split = _split_of(i, num_images, val_fraction, test_fraction)
-        Image.fromarray(image).save(os.path.join(out_dir, "JPEGImages", f"{name}.jpg"), quality=jpeg_quality)
-        annotations = []
-        for text, target, _ in records:
-            if target is None:
-                seg, area, cat = empty_rle, 0.0, negative_category(text)
-            else:
-                seg, area, cat = encode_rle(masks[target]), float(objs[target].area), objs[target].category
-            annotations.append({"segmentation": seg, "area": area, "description": text, "name": cat})
-        with open(os.path.join(out_dir, "Annotations", f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump({"annotations": annotations}, f)
-        splits[split].append(name)
-        scenes.append(
-            SceneRecord(name, split, objs, [r[0] for r in records], [r[1] for r in records], [r[2] for r in records])
-        )
-    for split, names in splits.items():
-        with open(os.path.join(out_dir, f"RISORS_{split}.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(f"{n}\n" for n in names))
+
+    def draw() -> Iterator[DrawnImage]:
+        # A generator, so that only one scene's pixels are in memory at a time whatever the format.
+        for i in range(num_images):
+            rng = np.random.default_rng([seed, i])
+            image, masks, objs, records = make_scene(
+                rng, size, min_objects, max_objects, min_object_frac, max_object_frac, expressions_per_object,
+                neg_ratio,
+            )
+            name = f"{prefix}_{i:06d}"
+            split = _split_of(i, num_images, val_fraction, test_fraction)
+            scenes.append(
+                SceneRecord(name, split, objs, [r[0] for r in records], [r[1] for r in records],
+                            [r[2] for r in records])
+            )
+            yield DrawnImage(i, name, split, image, masks, objs, records)
+
+    os.makedirs(out_dir, exist_ok=True)
+    FORMATS[format](out_dir, draw(), options)
     if write_vocabulary:
         write_vocab(os.path.join(out_dir, "vocab.txt"))
     return scenes
@@ -186,7 +207,7 @@ def write_vocab(path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Write a synthetic RISORS-format referring segmentation dataset.")
+    p = argparse.ArgumentParser(description="Write a synthetic referring segmentation dataset in a release format.")
     p.add_argument("--out", required=True, help="output dataset root")
     p.add_argument("--num-images", type=int, default=600)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
@@ -199,26 +220,46 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--expressions-per-object", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--format", choices=list(FORMATS), default="risors", help="release layout to write")
+    p.add_argument("--polygons", action="store_true", help="rrsisd: outline polygons instead of RLEs")
+    p.add_argument("--shared-text-refs", type=int, default=0, metavar="N",
+                   help="rrsisd: N images get two same-category refs sharing one sentence")
+    p.add_argument("--defects", action="store_true", help="rrsisd: first two JPEGs smaller than instances.json says")
+    p.add_argument("--refer-name", default="rrsisd", help="rrsisd: dataset folder name")
+    p.add_argument("--refer-split-by", default="unc", help="rrsisd: refs(<split-by>).p")
+    p.add_argument("--refer-prefix", default="", help="rrsisd: file name prefix (NWPU-Refer: new_)")
+    p.add_argument("--mask-channels", type=int, choices=(1, 3), default=1, help="refsegrs: mask TIFF channels")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    scenes = generate(
-        args.out,
-        args.num_images,
-        args.size,
-        args.seed,
-        neg_ratio=args.neg_ratio,
-        min_objects=args.min_objects,
-        max_objects=args.max_objects,
-        min_object_frac=args.min_object_frac,
-        max_object_frac=args.max_object_frac,
-        expressions_per_object=args.expressions_per_object,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-    )
+    try:
+        scenes = generate(
+            args.out,
+            args.num_images,
+            args.size,
+            args.seed,
+            neg_ratio=args.neg_ratio,
+            min_objects=args.min_objects,
+            max_objects=args.max_objects,
+            min_object_frac=args.min_object_frac,
+            max_object_frac=args.max_object_frac,
+            expressions_per_object=args.expressions_per_object,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            format=args.format,
+            refer_name=args.refer_name,
+            refer_split_by=args.refer_split_by,
+            refer_prefix=args.refer_prefix,
+            polygons=args.polygons,
+            shared_text_refs=args.shared_text_refs,
+            defects=args.defects,
+            mask_channels=args.mask_channels,
+        )
+    except ValueError as e:  # an option that does not fit the format
+        p.error(str(e))
     n_expr = sum(len(s.descriptions) for s in scenes)
     counts = {k: sum(s.split == k for s in scenes) for k in ("train", "val", "test")}
     print(
-        f"wrote {len(scenes)} images ({counts}) with {n_expr} expressions to {args.out} "
+        f"wrote {len(scenes)} images ({counts}) with {n_expr} expressions as {args.format} to {args.out} "
         f"in {time.perf_counter() - start:.1f} s"
     )
 

@@ -12,39 +12,21 @@ skipped, as in the official reader, unless the dataset keeps them as in-image no
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from iopath.common.file_io import PathManager, g_pathmgr
-from PIL import Image
+from iopath.common.file_io import PathManager
 
 from rsam.data.errors import DataError
+from rsam.data.readers.base import Annotation, Reader, drop_zero_area, raise_error
 from rsam.data.rle import RLEError, decode_rles
 
-__all__ = ["SPLITS", "Annotation", "RISORSReader"]
+__all__ = ["SPLITS", "RISORSReader"]
 
 SPLITS = ("train", "val", "test")
 _KNOWN_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".json")
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One validated annotation record (mask still RLE-encoded)."""
-
-    index: int  # position in the file's "annotations" list
-    description: str
-    category: str
-    area: float
-    segmentation: dict  # {"size": [h, w], "counts": bytes | list[int]}
-
-    @property
-    def empty(self) -> bool:
-        return self.area <= 0
 
 
 def _strip_name(line: str) -> str:
@@ -85,12 +67,8 @@ def _parse_record(rec, index: int, path: str) -> Annotation:
     return Annotation(index, desc, cat, float(area), {"size": [size[0], size[1]], "counts": counts})
 
 
-def _raise(err: DataError) -> None:
-    raise err
-
-
-class RISORSReader:
-    """File access and parsing for one RISORS split (no randomness, no transforms).
+class RISORSReader(Reader):
+    """The RISORS format for one split.
 
     Args:
         root: dataset root (local path or iopath URI).
@@ -99,6 +77,8 @@ class RISORSReader:
         path_manager: iopath ``PathManager`` (default: the global one).
     """
 
+    format = "risors"
+
     def __init__(
         self,
         root: str,
@@ -106,35 +86,32 @@ class RISORSReader:
         file_list: Optional[str] = None,
         path_manager: Optional[PathManager] = None,
     ):
-        self.root = root.rstrip("/")
-        self.pm = path_manager or g_pathmgr
+        super().__init__(root, split, path_manager)
         if file_list is None and split is not None:
             if split not in SPLITS:
                 raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
             file_list = self.join(f"RISORS_{split}.txt")
         self.file_list = file_list
         self.names = self.read_file_list(file_list) if file_list is not None else self.list_images()
+        self.where = file_list or self.join("JPEGImages")
 
-    def __getstate__(self) -> dict:
-        # The global PathManager is re-attached on unpickling (spawned dataloader workers).
-        state = dict(self.__dict__)
-        if state["pm"] is g_pathmgr:
-            state["pm"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.pm is None:
-            self.pm = g_pathmgr
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+    @classmethod
+    def available_splits(cls, root: str, path_manager: Optional[PathManager] = None, **_) -> List[str]:
+        pm = path_manager or Reader(root, None).pm
+        found = [s for s in SPLITS if pm.exists(f"{str(root).rstrip('/')}/RISORS_{s}.txt")]
+        if not found:
+            raise DataError(str(root), f"not a RISORS dataset: no RISORS_{{{','.join(SPLITS)}}}.txt split list",
+                            "missing_file")
+        return found
 
     def image_path(self, name: str) -> str:
         return self.join("JPEGImages", f"{name}.jpg")
 
     def annotation_path(self, name: str) -> str:
         return self.join("Annotations", f"{name}.json")
+
+    def files_of(self, name: str) -> List[str]:
+        return [self.image_path(name), self.annotation_path(name)]
 
     def read_file_list(self, path: str) -> List[str]:
         if not self.pm.exists(path):
@@ -152,37 +129,19 @@ class RISORSReader:
             raise FileNotFoundError(f"{folder}: image folder not found")
         return sorted(os.path.splitext(f)[0] for f in self.pm.ls(folder) if f.lower().endswith(".jpg"))
 
-    def missing_files(self, names: Sequence[str]) -> List[Tuple[str, str]]:
-        """(name, path) of every image or annotation file that does not exist."""
-
-        def check(name: str) -> List[Tuple[str, str]]:
-            return [(name, p) for p in (self.image_path(name), self.annotation_path(name)) if not self.pm.exists(p)]
-
-        with ThreadPoolExecutor(8) as pool:
-            return [m for ms in pool.map(check, names) for m in ms]
-
-    def _read_bytes(self, path: str, kind: str) -> bytes:
-        try:
-            with self.pm.open(path, "rb") as f:
-                return f.read()
-        except OSError as e:  # FileNotFoundError included
-            raise DataError(path, f"cannot read {kind} file ({e})", "missing_file") from None
+    def mask_size(self, name: str, ann: Annotation) -> Optional[Tuple[int, int]]:
+        return tuple(ann.segmentation["size"])
 
     def size_mismatch(self, name: str, ann: Annotation, size: Tuple[int, int]) -> Optional[DataError]:
-        """The error for an annotation whose RLE size differs from the image's (h, w), or None if they agree."""
         if ann.segmentation["size"] == list(size):
             return None
-        return DataError(
-            self.annotation_path(name),
-            f"annotations[{ann.index}].segmentation.size {ann.segmentation['size']} != image size "
-            f"{list(size)} of {self.image_path(name)}",
-            "size",
-        )
+        return DataError(self.annotation_path(name), f"annotations[{ann.index}].segmentation.size "
+                         f"{ann.segmentation['size']} != image size {list(size)} of {self.image_path(name)}", "size")
 
     def load_annotations(
         self,
         name: str,
-        on_bad_record: Callable[[DataError], None] = _raise,
+        on_bad_record: Callable[[DataError], None] = raise_error,
         keep_empty: bool = False,
         on_zero_area: Optional[Callable[[], None]] = None,
     ) -> List[Annotation]:
@@ -193,7 +152,7 @@ class RISORSReader:
         ``keep_empty``.
         """
         path = self.annotation_path(name)
-        raw = self._read_bytes(path, "annotation")
+        raw = self.read_bytes(path, "annotation")
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -210,46 +169,23 @@ class RISORSReader:
             except DataError as e:
                 on_bad_record(e)
                 continue
-            if ann.empty and not keep_empty:
-                if on_zero_area is not None:
-                    on_zero_area()
-                continue
             out.append(ann)
-        return out
+        return drop_zero_area(out, keep_empty, on_zero_area)
 
-    def open_image(self, name: str) -> Image.Image:
-        """Open the image lazily (header only): ``.size`` is known, pixels are decoded by :meth:`decode_image`."""
-        path = self.image_path(name)
-        raw = self._read_bytes(path, "image")
-        try:
-            return Image.open(io.BytesIO(raw))
-        except Exception as e:  # PIL raises several types for unknown/corrupt headers
-            raise DataError(path, f"unreadable image ({type(e).__name__}: {e})", "image") from None
-
-    def decode_image(self, name: str, image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
-        """Decode pixels to RGB. ``draft_size`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the network
-        resolution is that much smaller than the file (a large saving at demo resolutions, none at 800 px)."""
-        try:
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
-        except Exception as e:
-            raise DataError(self.image_path(name), f"corrupt image data ({type(e).__name__}: {e})", "image") from None
-
-    def decode_masks(self, name: str, annotations: Sequence[Annotation]) -> np.ndarray:
-        """Decode the RLEs of ``annotations`` (all of one image size) -> bool (k,H,W), C-contiguous."""
+    def decode_masks(self, name: str, annotations: Sequence[Annotation], size: Tuple[int, int]) -> np.ndarray:
+        """All RLEs of an image decode in one call (they share the image size, which :meth:`size_mismatch`
+        checked) -> bool (k,H,W), C-contiguous."""
         if not annotations:
-            raise ValueError("decode_masks needs at least one annotation")
-        h, w = annotations[0].segmentation["size"]
+            return np.zeros((0, *size), dtype=bool)
+        h, w = size
         try:
             return decode_rles([a.segmentation for a in annotations], h, w)
         except RLEError as e:
             records = [annotations[j].index for j in e.positions]
             where = f"annotations[{records[0]}]" if len(records) == 1 else f"annotations {records}"
             if e.wrong_size:
-                problem = f".segmentation.size {annotations[e.positions[0]].segmentation['size']} != {[h, w]} " \
-                          f"(annotations[{annotations[0].index}].segmentation.size)"
+                problem = f".segmentation.size {annotations[e.positions[0]].segmentation['size']} != image size " \
+                          f"{[h, w]}"
             else:
                 problem = f".segmentation: {e.problem}"
             raise DataError(self.annotation_path(name), where + problem, "size" if e.wrong_size else "field") from None

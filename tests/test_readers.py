@@ -1,0 +1,267 @@
+"""Every dataset format through its reader: the same expressions and masks as drawn, the release defects, bad
+input named by file and field, hostile pickles, ``rsam-data check`` / ``convert``, mixed datasets, leakage."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsam.data.dataset import ReferringDataset
+from rsam.data.errors import DataError
+from rsam.data.leakage import LeakageError, find_leaks, image_files, report_leaks
+from rsam.data.mixed import MixedDataset
+from rsam.data.readers import open_reader
+from rsam.data.readers.base import category_from_text
+from rsam.data.safe_pickle import PickleRefused, load_plain_pickle, load_plain_pickle_cached
+from rsam.data.synthetic import generate
+from rsam.evaluation.metrics import combine_metrics
+from rsam.tools import data as data_cli
+
+N, SIZE, SEED = 8, 64, 3
+FORMATS = ("risors", "rrsisd", "refsegrs", "risbench", "jsonl")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSAM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The same draw written in every format."""
+    base = tmp_path_factory.mktemp("formats")
+    return {fmt: (str(base / fmt), generate(str(base / fmt), N, SIZE, SEED, format=fmt)) for fmt in FORMATS}
+
+
+def _expressions(fmt: str, root: str, split: str):
+    """{(text, mask bytes)} of a split at the original size: what a reader makes of the files."""
+    ds = ReferringDataset(root, split, training=False, resolution=SIZE, format=fmt)
+    out = set()
+    for i in range(len(ds)):
+        original = ds.read_original(i)
+        for text, mask in zip(original["descriptions"], original["masks"]):
+            out.add((text.lower(), mask.tobytes()))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:])
+def test_every_format_reads_the_same_expressions_and_masks(written, fmt):
+    root, scenes = written[fmt]
+    risors_root, _ = written["risors"]
+    for split in ("train", "val", "test"):
+        expected = _expressions("risors", risors_root, split)
+        assert expected and _expressions(fmt, root, split) == expected
+
+
+def test_training_samples_of_every_format_have_the_network_shape(written):
+    for fmt in FORMATS:
+        root, _ = written[fmt]
+        ds = ReferringDataset(root, "train", training=True, resolution=32, format=fmt, negative_ratio=1.0)
+        sample = ds[(0, 0)]
+        assert sample.image.shape == (3, 32, 32) and sample.masks.shape[1:] == (32, 32)
+        assert len(sample.descriptions) == sample.masks.shape[0] >= 1
+
+
+def test_rrsisd_defects_resize_masks_and_are_reported(tmp_path, caplog):
+    root = str(tmp_path / "d")
+    generate(root, 4, SIZE, SEED, format="rrsisd", defects=True)
+    with caplog.at_level(logging.WARNING, logger="rsam.data.readers.base"):
+        ds = ReferringDataset(root, "train", training=False, resolution=SIZE, format="rrsisd")
+        small = [i for i in range(len(ds)) if ds.read_original(i)["image"].shape[:2] != (SIZE, SIZE)]
+    assert small, "the defects option must write smaller JPEGs"
+    original = ds.read_original(small[0])
+    assert original["masks"].shape[1:] == original["image"].shape[:2]  # resized to the image
+    assert "resized to the image size" in caplog.text
+    report = data_cli.scan("rrsisd", root)
+    resized = [p for p in report.problems if p["kind"] == "mask_resized"]
+    assert resized and report.errors == 0 and report.exit_status() == 0
+
+
+def test_refer_polygons_and_shared_text_union(tmp_path):
+    root = str(tmp_path / "nwpu")
+    generate(root, 6, SIZE, SEED, format="rrsisd", polygons=True, shared_text_refs=2, refer_prefix="new_",
+             refer_name="nwpu")
+    separate = open_reader("rrsisd", root, "train", dataset_name="nwpu", prefix="new_")
+    union = open_reader("rrsisd", root, "train", dataset_name="nwpu", prefix="new_", shared_text="union")
+    merged = 0
+    for name in union.names:
+        a = separate.load_annotations(name)
+        b = union.load_annotations(name)
+        texts = [x.description.lower() for x in a]
+        if len(set(texts)) < len(texts):
+            merged += 1
+            assert len(b) == len(set(texts))
+            shared = next(t for t in texts if texts.count(t) > 1)
+            parts = [x for x in a if x.description.lower() == shared]
+            size = union.image_sizes[name]
+            union_mask = union.decode_masks(name, [x for x in b if x.description.lower() == shared], size)[0]
+            expected = np.logical_or.reduce(separate.decode_masks(name, parts, size))
+            assert np.array_equal(union_mask, expected)
+    assert merged >= 1
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "hostile"
+    shutil.copytree(written["rrsisd"][0], root)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (root / "rrsisd" / "refs(unc).p").write_bytes(pickle.dumps([Payload()], protocol=2))
+    with pytest.raises(PickleRefused, match=r"refs\(unc\)\.p: refused to unpickle: .*'posix\.system'"):
+        ReferringDataset(str(root), "train", format="rrsisd")
+    assert data_cli.main(["check", "--format", "rrsisd", str(root), "--json"]) == 2
+    assert not marker.exists()
+
+
+def test_plain_pickles_load_in_every_protocol_and_are_cached(tmp_path):
+    refs = [{"ref_id": 1, "split": "train", "sent_ids": (5,), "tags": {"a"}, "raw": b"caf\xe9"}]
+    for protocol in (0, 2, 4, 5):
+        path = tmp_path / f"p{protocol}.p"
+        path.write_bytes(pickle.dumps(refs, protocol=protocol))
+        got = load_plain_pickle(str(path))
+        assert got == [{"ref_id": 1, "split": "train", "sent_ids": [5], "tags": ["a"], "raw": "café"}]
+    (tmp_path / "bad.p").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="bad.p: not a readable pickle"):
+        load_plain_pickle(str(tmp_path / "bad.p"))
+    path = str(tmp_path / "p4.p")
+    first = load_plain_pickle_cached(path)
+    os.utime(path, ns=(1, os.stat(path).st_mtime_ns))  # same file: the cached copy is used
+    assert load_plain_pickle_cached(path) == first
+    (tmp_path / "p4.p").write_bytes(pickle.dumps([{"changed": True}]))
+    assert load_plain_pickle_cached(path) == [{"changed": True}]  # size + mtime changed: read again
+
+
+@pytest.mark.parametrize("fmt, corrupt, message", [
+    ("refsegrs", lambda r: (r / "output_phrase_train.txt").write_text("00000\n", encoding="utf-8"),
+     r"output_phrase_train\.txt: line 1: expected '<key> <expression>'"),
+    ("risbench", lambda r: (r / "output_phrase_train.txt").write_bytes(b"a.png caf\xe9\n"),
+     r"output_phrase_train\.txt: line 1 is not UTF-8"),
+    ("jsonl", lambda r: (r / "manifest.jsonl").write_text('{"image": "x.jpg", "split": "train"}\n'),
+     r"manifest\.jsonl: line 1\.text must be a str"),
+])
+def test_bad_lines_name_the_file_and_the_line(tmp_path, written, fmt, corrupt, message):
+    import shutil
+
+    root = tmp_path / fmt
+    shutil.copytree(written[fmt][0], root)
+    corrupt(root)
+    with pytest.raises(DataError, match=message):
+        ReferringDataset(str(root), "train", format=fmt)
+
+
+def test_unknown_split_lists_the_splits(written):
+    for fmt in ("rrsisd", "refsegrs", "jsonl"):
+        with pytest.raises(DataError, match=r"splits .*test.*train.*val"):
+            ReferringDataset(written[fmt][0], "testA", format=fmt)
+
+
+def test_skip_bad_samples_counts_a_bad_line_and_keeps_the_rest(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["refsegrs"][0], root)
+    lines = (root / "output_phrase_train.txt").read_text().splitlines()
+    (root / "output_phrase_train.txt").write_text("\n".join(lines + ["99999"]) + "\n")
+    ds = ReferringDataset(str(root), "train", format="refsegrs", skip_bad_samples=True)
+    assert len(ds) == len(lines) and ds.bad_sample_counts()["description"] == 1
+
+
+def test_mask_of_another_size_is_an_error_outside_rrsisd(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["risbench"][0], root)
+    name = sorted(os.listdir(root / "mask"))[0]
+    Image.new("L", (SIZE - 4, SIZE)).save(root / "mask" / name)
+    with pytest.raises(DataError, match=rf"mask/{name}: expression 0: mask size \[{SIZE}, {SIZE - 4}\] != image size"):
+        ds = ReferringDataset(str(root), "train", training=False, format="risbench")
+        ds.read_original(ds.names.index(name))
+    report = data_cli.scan("risbench", str(root))
+    assert report.exit_status() == 1 and [p["kind"] for p in report.problems] == ["size_mismatch"]
+
+
+def test_check_json_is_exactly_the_documented_object(written, capsys):
+    root = written["jsonl"][0]
+    vocab = os.path.join(root, "vocab.txt")
+    assert data_cli.main(["check", "--format", "jsonl", root, "--json", "--vocab", vocab, "--max-tokens", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"format", "root", "splits", "problems", "errors", "warnings"}
+    assert set(out["splits"]) == {"train", "val", "test"}
+    assert all(set(v) == {"images", "expressions", "no_target"} for v in out["splits"].values())
+    assert out["errors"] == 0 and out["warnings"] == len(out["problems"]) > 0
+    assert {p["kind"] for p in out["problems"]} == {"text_too_long"}
+    assert all(set(p) == {"kind", "path", "detail"} for p in out["problems"])
+    assert data_cli.main(["check", "--format", "rrsisd", root, "--json"]) == 2  # wrong layout
+
+
+def test_convert_round_trips_to_jsonl(tmp_path, written):
+    root, _ = written["rrsisd"]
+    out = tmp_path / "converted"
+    assert data_cli.main(["convert", "--format", "rrsisd", root, "--out", str(out)]) == 0
+    for split in ("train", "val", "test"):
+        assert _expressions("jsonl", str(out), split) == _expressions("rrsisd", root, split)
+    line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert os.path.isabs(line["image"]) and line["source"]["dataset"] == "rrsisd"
+
+
+def test_category_heuristic_takes_the_first_name_in_the_text():
+    names = ("road", "road marking", "car", "low vegetation")
+    assert category_from_text("the road marking next to the car", names) == "road marking"
+    assert category_from_text("two cars on the road", names) == "car"
+    assert category_from_text("the roadside tree", names) is None
+
+
+def test_mixed_dataset_follows_the_weights_and_is_deterministic(written):
+    a = ReferringDataset(written["risors"][0], "train", training=True, resolution=32)
+    b = ReferringDataset(written["jsonl"][0], "train", training=True, resolution=32, format="jsonl")
+    mixed = MixedDataset({"a": a, "b": b}, weights={"a": 3.0, "b": 1.0}, epoch_size=20, seed=1)
+    assert mixed.shares() == {"a": 15, "b": 5} and len(mixed) == 20
+    plan = mixed.plan(0)
+    assert [k for k, _ in plan].count(0) == 15
+    counts = np.bincount([j for k, j in plan if k == 0], minlength=len(a))
+    assert counts.max() - counts.min() <= 1  # successive permutations: every image before any repeats
+    assert MixedDataset({"a": a, "b": b}, {"a": 3.0, "b": 1.0}, 20, seed=1).plan(0) == plan
+    assert mixed.plan(1) != plan
+    assert mixed[(0, 0)].image.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="unknown datasets"):
+        MixedDataset({"a": a}, weights={"c": 1.0})
+
+
+def test_combined_metrics_are_per_dataset_and_their_mean():
+    out = combine_metrics({"a": {"mIoU": 0.5, "num_expressions": 10}, "b": {"mIoU": 0.7, "num_expressions": 4}})
+    assert out["a/mIoU"] == 0.5 and out["b/mIoU"] == 0.7
+    assert out["mIoU"] == pytest.approx(0.6) and out["num_expressions"] == 14
+
+
+def test_leakage_guard_finds_copies_by_content(tmp_path, written, caplog):
+    import shutil
+
+    train = ReferringDataset(written["risors"][0], "train", training=False)
+    other = tmp_path / "other"
+    shutil.copytree(written["jsonl"][0], other)
+    manifest = [json.loads(x) for x in (other / "manifest.jsonl").read_text().splitlines()]
+    first_train = next(m["image"] for m in manifest if m["split"] == "train")
+    for m in manifest:  # one training image (same pixels, same bytes) also becomes a val image
+        if m["image"] == first_train:
+            m["split"] = "val"
+    (other / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    val = ReferringDataset(str(other), "val", training=False, format="jsonl")
+    leaks = find_leaks(image_files(train), image_files(val))
+    assert len(leaks) == 1 and leaks[0][1].endswith(first_train)
+    with caplog.at_level(logging.WARNING):
+        assert report_leaks(train, {"val": val}, strict=False, logger=logging.getLogger("t")) == 1
+    assert "1 training image(s) also appear" in caplog.text
+    with pytest.raises(LeakageError, match="strict_leakage"):
+        report_leaks(train, {"val": val}, strict=True, logger=logging.getLogger("t"))
+    clean = ReferringDataset(written["risors"][0], "val", training=False)
+    assert report_leaks(train, {"val": clean}, strict=True, logger=logging.getLogger("t")) == 0
