@@ -23,8 +23,8 @@ __all__ = ["PickleRefused", "load_plain_pickle", "load_plain_pickle_cached", "ca
 
 log = logging.getLogger(__name__)
 
-# Protocols < 4 build sets through a global, protocols < 3 bytes through _codecs.encode (a checked stand-in is
-# returned for it); nothing else plain data needs is a global.
+# Protocols < 4 build sets through a global, protocols < 3 bytes through _codecs.encode and b"" through bytes()
+# (checked stand-ins are returned for those two); nothing else plain data needs is a global.
 _ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"), ("__builtin__", "frozenset")}
 
 
@@ -35,6 +35,13 @@ def _bytes_from_latin1(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    """What protocols 0-2 call to rebuild ``b""`` (``bytes()``), and nothing else."""
+    if args:
+        raise pickle.UnpicklingError("bytes() is only allowed without arguments (the empty bytes)")
+    return b""
+
+
 class PickleRefused(ValueError):
     """A pickle asked for a global that plain data does not need."""
 
@@ -42,6 +49,9 @@ class PickleRefused(ValueError):
         super().__init__(f"{path}: refused to unpickle: the file asks for the global '{global_name}'; only builtin "
                          "containers, str, int, float, bool and None are allowed (pickles are never loaded blindly)")
         self.path, self.global_name = path, global_name
+
+    def __reduce__(self):  # picklable across processes despite the 2-argument constructor
+        return (PickleRefused, (self.path, self.global_name))
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -54,6 +64,8 @@ class _PlainUnpickler(pickle.Unpickler):
             return set if name == "set" else frozenset
         if (module, name) == ("_codecs", "encode"):
             return _bytes_from_latin1
+        if (module, name) in (("builtins", "bytes"), ("__builtin__", "bytes")):
+            return _empty_bytes
         raise PickleRefused(self._path, f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -71,18 +83,24 @@ def _plain(value: Any, path: str) -> Any:
     """Containers -> dict / list, bytes -> str; anything else than plain data is refused."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, bytes):
-        return _text(value)
+    if isinstance(value, (bytes, bytearray)):
+        return _text(bytes(value))
     if isinstance(value, dict):
-        return {(_text(k) if isinstance(k, bytes) else k): _plain(v, path) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            k = _text(k) if isinstance(k, bytes) else k
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise ValueError(f"{path}: a dict key of type {type(k).__name__} is not plain data")
+            out[k] = _plain(v, path)
+        return out
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v, path) for v in value]
     raise PickleRefused(path, type(value).__qualname__)
 
 
-def load_plain_pickle(path: str, path_manager: Optional[PathManager] = None) -> Any:
+def load_plain_pickle(path: "str | os.PathLike", path_manager: Optional[PathManager] = None) -> Any:
     """Unpickle ``path`` if it holds plain data only (see the module docstring); JSON-friendly result."""
-    pm = path_manager or g_pathmgr
+    path, pm = os.fspath(path), path_manager or g_pathmgr
     with pm.open(path, "rb") as f:
         raw = f.read()
     for encoding in ("utf-8", "latin1"):  # latin1: Python 2 byte strings that are not UTF-8
@@ -98,36 +116,66 @@ def load_plain_pickle(path: str, path_manager: Optional[PathManager] = None) -> 
 
 
 def default_cache_dir() -> str:
+    """``$RSAM_CACHE_DIR`` if set, else ``~/.cache/rsam`` (JSON copies go to its ``json/`` folder)."""
     return os.environ.get("RSAM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rsam")
 
 
-def cached_json(source_path: str, build: Callable[[], Any], tag: str, cache_dir: Optional[str] = None) -> Any:
+_ITEMS = "__rsam_items__"  # how a dict whose keys are not all str is stored: {"__rsam_items__": [[key, value]]}
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if _ITEMS not in value and all(isinstance(k, str) for k in value):
+            return {k: _to_json(v) for k, v in value.items()}
+        return {_ITEMS: [[k, _to_json(v)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if _ITEMS in value:
+            return {k: _from_json(v) for k, v in value[_ITEMS]}
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def cached_json(source_path: "str | os.PathLike", build: Callable[[], Any], tag: str,
+                cache_dir: "str | os.PathLike | None" = None) -> Any:
     """``build()``'s JSON-serialisable result, cached under ``cache_dir`` and keyed by ``source_path``'s
-    absolute path, size and modification time (plus ``tag``); remote paths are not cached."""
+    absolute path, size and modification time (plus ``tag``); remote paths are not cached. The value is returned
+    as stored (tuples and sets -> lists; int/float/bool/None dict keys kept), so first call and cache hits agree."""
+    source_path = os.fspath(source_path)
     if "://" in source_path:
-        return build()
+        return _from_json(json.loads(json.dumps(_to_json(build()))))
     stat = os.stat(source_path)
-    key = hashlib.sha256(f"{tag}\0{os.path.abspath(source_path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    folder = os.path.join(cache_dir or default_cache_dir(), "json")
-    file = os.path.join(folder, key.hexdigest() + ".json")
+    key = f"v2\0{tag}\0{os.path.abspath(source_path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    folder = os.path.join(os.fspath(cache_dir) if cache_dir else default_cache_dir(), "json")
+    file = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest() + ".json")
     try:
         with open(file, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        pass  # absent or corrupt: rebuild
-    value = build()
+            return _from_json(json.load(f))
+    except (OSError, ValueError, TypeError):
+        pass  # absent or corrupt (bad JSON, not UTF-8, malformed entries): rebuild
+    text = json.dumps(_to_json(build()))
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f)
+            f.write(text)
         os.replace(tmp, file)
     except OSError as e:
         log.warning("cannot write the cache %s (%s); %s is read again next time", file, e, source_path)
-    return value
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return _from_json(json.loads(text))
 
 
-def load_plain_pickle_cached(path: str, cache_dir: Optional[str] = None,
+def load_plain_pickle_cached(path: "str | os.PathLike", cache_dir: "str | os.PathLike | None" = None,
                              path_manager: Optional[PathManager] = None) -> Any:
     """:func:`load_plain_pickle` through :func:`cached_json`."""
     return cached_json(path, lambda: load_plain_pickle(path, path_manager), "plain-pickle", cache_dir)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from iopath.common.file_io import PathManager
+from iopath.common.file_io import PathManager, g_pathmgr
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, category_from_text, raise_error
@@ -70,7 +70,7 @@ class PhraseListReader(Reader):
 
     @classmethod
     def available_splits(cls, root: str, path_manager: Optional[PathManager] = None, **_) -> List[str]:
-        pm = path_manager or Reader(root, None).pm
+        pm = path_manager or g_pathmgr
         root = str(root).rstrip("/")
         names = pm.ls(root) if pm.isdir(root) else []
         found = sorted(n[len("output_phrase_"):-4] for n in names

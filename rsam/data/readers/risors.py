@@ -17,7 +17,7 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from iopath.common.file_io import PathManager
+from iopath.common.file_io import PathManager, g_pathmgr
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, drop_zero_area, raise_error
@@ -97,7 +97,7 @@ class RISORSReader(Reader):
 
     @classmethod
     def available_splits(cls, root: str, path_manager: Optional[PathManager] = None, **_) -> List[str]:
-        pm = path_manager or Reader(root, None).pm
+        pm = path_manager or g_pathmgr
         found = [s for s in SPLITS if pm.exists(f"{str(root).rstrip('/')}/RISORS_{s}.txt")]
         if not found:
             raise DataError(str(root), f"not a RISORS dataset: no RISORS_{{{','.join(SPLITS)}}}.txt split list",
