@@ -17,7 +17,7 @@ from rsam.data.leakage import LeakageError, find_leaks, image_files, report_leak
 from rsam.data.mixed import MixedDataset
 from rsam.data.readers import open_reader
 from rsam.data.readers.base import category_from_text
-from rsam.data.safe_pickle import PickleRefused, load_plain_pickle, load_plain_pickle_cached
+from rsam.data.safe_pickle import PickleRefused
 from rsam.data.synthetic import generate
 from rsam.evaluation.metrics import combine_metrics
 from rsam.tools import data as data_cli
@@ -121,24 +121,6 @@ def test_hostile_pickle_is_refused_without_running(tmp_path, written):
         ReferringDataset(str(root), "train", format="rrsisd")
     assert data_cli.main(["check", "--format", "rrsisd", str(root), "--json"]) == 2
     assert not marker.exists()
-
-
-def test_plain_pickles_load_in_every_protocol_and_are_cached(tmp_path):
-    refs = [{"ref_id": 1, "split": "train", "sent_ids": (5,), "tags": {"a"}, "raw": b"caf\xe9"}]
-    for protocol in (0, 2, 4, 5):
-        path = tmp_path / f"p{protocol}.p"
-        path.write_bytes(pickle.dumps(refs, protocol=protocol))
-        got = load_plain_pickle(str(path))
-        assert got == [{"ref_id": 1, "split": "train", "sent_ids": [5], "tags": ["a"], "raw": "café"}]
-    (tmp_path / "bad.p").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="bad.p: not a readable pickle"):
-        load_plain_pickle(str(tmp_path / "bad.p"))
-    path = str(tmp_path / "p4.p")
-    first = load_plain_pickle_cached(path)
-    os.utime(path, ns=(1, os.stat(path).st_mtime_ns))  # same file: the cached copy is used
-    assert load_plain_pickle_cached(path) == first
-    (tmp_path / "p4.p").write_bytes(pickle.dumps([{"changed": True}]))
-    assert load_plain_pickle_cached(path) == [{"changed": True}]  # size + mtime changed: read again
 
 
 @pytest.mark.parametrize("fmt, corrupt, message", [
