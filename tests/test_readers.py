@@ -247,3 +247,65 @@ def test_leakage_guard_finds_copies_by_content(tmp_path, written, caplog):
         report_leaks(train, {"val": val}, strict=True, logger=logging.getLogger("t"))
     clean = ReferringDataset(written["risors"][0], "val", training=False)
     assert report_leaks(train, {"val": clean}, strict=True, logger=logging.getLogger("t")) == 0
+
+
+def test_check_reports_each_problem_once_and_keeps_scanning(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "j"
+    shutil.copytree(written["jsonl"][0], root)
+    with open(root / "manifest.jsonl", "ab") as f:
+        f.write(b"{not json\n")
+        f.write(b'{"image": "x.jpg", "split": "val", "text": "caf\xe9"}\n')  # not UTF-8: this line only
+    report = data_cli.scan("jsonl", str(root))
+    kinds = sorted(p["kind"] for p in report.problems)
+    assert kinds == ["empty_text", "malformed_record"], report.problems  # once, not once per split
+    assert set(report.splits) == {"train", "val", "test"} and report.exit_status() == 1
+
+
+def test_check_decodes_pixels_and_flags_an_empty_dataset(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["risors"][0], root)
+    image = sorted((root / "JPEGImages").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:700])  # truncated JPEG: the header still opens
+    report = data_cli.scan("risors", str(root))
+    assert [p["kind"] for p in report.problems] == ["unreadable_file"] and report.exit_status() == 1
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "manifest.jsonl").write_text("")
+    assert data_cli.main(["check", "--format", "jsonl", str(tmp_path / "empty"), "--json"]) != 0
+
+
+def test_refer_bad_ref_fields_are_reported_not_dropped(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["rrsisd"][0], root)
+    refs_file = root / "rrsisd" / "refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    del refs[0]["split"]
+    refs[1]["split"] = None
+    refs[2]["sentences"].append({"raw": "", "sent": "", "sent_id": 999})
+    refs_file.write_bytes(pickle.dumps(refs, protocol=2))
+    report = data_cli.scan("rrsisd", str(root))
+    details = [p["detail"] for p in report.problems]
+    assert any("refs[0] has no ['split']" in d for d in details)
+    assert any("refs[1].split must be a string" in d for d in details)
+    assert any("refs[2].sentences[" in d for d in details) and report.exit_status() == 1
+    total = sum(c["expressions"] for c in report.splits.values())
+    assert total == sum(len(r["sentences"]) for r in refs) - 3  # the two bad refs' sentences and the empty one
+
+
+def test_one_bit_and_palette_masks(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "s"
+    shutil.copytree(written["refsegrs"][0], root)
+    masks = sorted((root / "masks").iterdir())
+    Image.open(masks[0]).convert("1").save(masks[0])
+    Image.open(masks[1]).convert("P").save(masks[1])
+    ds = ReferringDataset(str(root), "train", training=False, format="refsegrs")
+    for m in masks[:2]:
+        if m.name in ds.names:
+            assert ds.read_original(ds.names.index(m.name))["masks"].any()

@@ -352,10 +352,10 @@ class Trainer:
                      for name, ev in self._evaluators(split).items()}
             try:
                 report_leaks(self.train_loader.dataset, evals, self.opts.strict_leakage, LOG)
-            except LeakageError as e:
+            except Exception as e:  # any failure on rank 0 must reach the other ranks, or they wait forever
                 failed = e
         if D.any_rank(failed is not None, device=self._collective_device()):
-            raise failed or LeakageError("leakage guard failed on rank 0 (trainer.strict_leakage: true)")
+            raise failed or LeakageError("the leakage guard failed on rank 0 (see its log)")
 
     def _update_best(self, metrics: Dict[str, float]) -> None:
         key, best = self.opts.best_metric, self.progress.best

@@ -429,7 +429,7 @@ class MetricAccumulator:
 
 def combine_metrics(per_dataset: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """Metrics of several evaluation datasets in one dict: ``<name>/<metric>`` for each, and under the plain
-    metric name the mean over datasets (each dataset weighs the same; ``num_expressions`` is the total).
+    metric name the mean over datasets (each dataset weighs the same; counts, ``num_*``, are totals).
     One dataset named ``""`` passes through unchanged."""
     if list(per_dataset) == [""]:
         return dict(per_dataset[""])
@@ -439,5 +439,5 @@ def combine_metrics(per_dataset: Dict[str, Dict[str, float]]) -> Dict[str, float
     shared = set.intersection(*(set(m) for m in per_dataset.values()))
     for key in sorted(k for k in shared if not k.startswith("cat/")):
         values = [m[key] for m in per_dataset.values()]
-        out[key] = sum(values) if key == "num_expressions" else math.fsum(values) / len(values)
+        out[key] = sum(values) if key.startswith("num_") else math.fsum(values) / len(values)
     return out

@@ -41,9 +41,13 @@ class ScanReport:
     splits: Dict[str, Dict[str, int]] = field(default_factory=dict)
     problems: List[Dict[str, str]] = field(default_factory=list)
     unreadable: bool = False
+    _reported: set = field(default_factory=set, repr=False)
 
     def add(self, kind: str, path: str, detail: str) -> None:
-        self.problems.append({"kind": kind, "path": path, "detail": detail})
+        # Single-file formats re-read their whole file for every split: a record no split owns is reported once.
+        if (kind, path, detail) not in self._reported:
+            self._reported.add((kind, path, detail))
+            self.problems.append({"kind": kind, "path": path, "detail": detail})
 
     @property
     def warnings(self) -> int:
@@ -92,9 +96,14 @@ def scan(format: str, root: str, options: Optional[dict] = None, token_counter: 
             report.add(_error_kind(err), err.path, err.problem)
         counts = {"images": 0, "expressions": 0, "no_target": 0}
         for name in reader.names:
-            _scan_image(reader, split, name, report, counts, token_counter, max_tokens, on_expression)
+            try:
+                _scan_image(reader, split, name, report, counts, token_counter, max_tokens, on_expression)
+            except Exception as e:  # a malformed record the reader did not foresee: reported, the scan goes on
+                report.add("malformed_record", reader.image_path(name), f"{type(e).__name__}: {e}")
             image_splits.setdefault(reader.image_path(name), set()).add(split)
         report.splits[split] = counts
+    if not any(c["expressions"] for c in report.splits.values()):
+        report.add("no_expression", root, f"no usable expression in the splits {splits}")
     for path, found in sorted(image_splits.items()):
         if len(found) > 1:
             report.add("image_in_two_splits", path, f"listed in the splits {sorted(found)}")
@@ -109,6 +118,7 @@ def _scan_image(reader, split, name, report, counts, token_counter, max_tokens, 
 
     try:
         image = reader.open_image(name)
+        reader.decode_image(name, image)  # the pixels too: a truncated file fails here, not in training
         anns = reader.load_annotations(name, on_bad_record=bad, keep_empty=True)
     except DataError as e:
         bad(e)

@@ -156,15 +156,21 @@ class Reader:
         except OSError as e:  # FileNotFoundError included
             raise DataError(path, f"cannot read {kind} file ({e})", "missing_file") from None
 
-    def read_text_lines(self, path: str, kind: str) -> List[str]:
-        """Lines of a UTF-8 text file (line ends stripped); non-UTF-8 content is a DataError naming the line."""
+    def read_text_lines(self, path: str, kind: str) -> List[Tuple[int, Optional[str]]]:
+        """(line number, text) of a UTF-8 text file, line ends stripped. A line that is not UTF-8 comes as
+        (number, None) after its DataError went to ``self.problems``: one bad line never hides the others."""
         raw = self.read_bytes(path, kind)
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise DataError(path, f"line {line} is not UTF-8 text ({e.reason} at byte {e.start})", "field") from None
-        return text.splitlines()
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        out: List[Tuple[int, Optional[str]]] = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            try:
+                out.append((number, line.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                self.problems.append(DataError(path, f"line {number} is not UTF-8 text ({e.reason} at byte "
+                                                     f"{e.start})", "description"))
+                out.append((number, None))
+        return out
 
     def files_of(self, name: str) -> List[str]:
         """Files an image needs (checked by :meth:`missing_files`)."""

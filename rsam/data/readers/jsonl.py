@@ -47,6 +47,8 @@ def _parse_line(obj, where: str) -> dict:
     category = obj.get("category")
     if category is not None and not isinstance(category, str):
         raise ValueError(f"{where}.category must be a string or null")
+    if obj.get("source") is not None and not isinstance(obj["source"], dict):
+        raise ValueError(f"{where}.source must be an object {{'dataset': ..., 'id': ...}} or absent")
     return obj
 
 
@@ -61,8 +63,8 @@ class JsonlReader(Reader):
         self.where = manifest if os.path.isabs(manifest) or "://" in manifest else self.join(manifest)
         self._expressions: Dict[str, List[Tuple[dict, int]]] = {}
         splits = set()
-        for number, line in enumerate(self.read_text_lines(self.where, "manifest"), 1):
-            if not line.strip():
+        for number, line in self.read_text_lines(self.where, "manifest"):
+            if line is None or not line.strip():
                 continue
             try:
                 obj = _parse_line(json.loads(line), f"line {number}")

@@ -26,14 +26,12 @@ __all__ = ["PhraseListReader", "RefSegRSReader", "RISBenchReader", "REFSEGRS_CLA
 
 REFSEGRS_CLASSES = ("road", "vehicle", "car", "van", "building", "truck", "trailer", "bus", "road marking",
                     "bikeway", "sidewalk", "tree", "low vegetation", "impervious surface")
-# The RISBench release lists no class names. These are the DOTA-v2 and DIOR classes it was built from (its
-# README); pass ``category_names`` for another list.
-RISBENCH_CLASSES = ("airplane", "plane", "airport", "baseball field", "baseball diamond", "basketball court",
-                    "bridge", "chimney", "container crane", "dam", "expressway service area",
-                    "expressway toll station", "golf field", "ground track field", "harbor", "helicopter",
-                    "helipad", "large vehicle", "overpass", "roundabout", "ship", "small vehicle",
-                    "soccer ball field", "stadium", "storage tank", "swimming pool", "tennis court",
-                    "train station", "vehicle", "windmill")
+# The RISBench release stores no category; these are the 26 class names third-party loaders match in the text
+# (RSRefSeg-2). Pass ``category_names`` for another list.
+RISBENCH_CLASSES = ("expressway service area", "expressway toll station", "ground track field", "basketball court",
+                    "container crane", "roundabout", "windmill", "overpass", "stadium", "bridge", "soccer ball field",
+                    "baseball diamond", "train station", "golf field", "airport", "harbor", "dam", "ship", "helipad",
+                    "vehicle", "chimney", "airplane", "helicopter", "tennis court", "storage tank", "swimming pool")
 
 
 class PhraseListReader(Reader):
@@ -55,8 +53,8 @@ class PhraseListReader(Reader):
             found = self.available_splits(self.root, path_manager=self.pm)
             raise DataError(self.where, f"split list not found; this dataset has the splits {found}", "missing_file")
         self._expressions: Dict[str, List[Tuple[str, int]]] = {}
-        for number, line in enumerate(self.read_text_lines(self.where, "split list"), 1):
-            if not line.strip():
+        for number, line in self.read_text_lines(self.where, "split list"):
+            if line is None or not line.strip():
                 continue
             key, _, text = line.strip().partition(" ")
             if not text.strip():
@@ -109,6 +107,11 @@ class PhraseListReader(Reader):
             values = np.asarray(picture)
         except Exception as e:
             raise DataError(path, f"corrupt mask data ({type(e).__name__}: {e})", "image") from None
+        if values.dtype == bool:  # 1-bit masks: already foreground / background
+            mask = np.ascontiguousarray(values if values.ndim == 2 else values[..., 0])
+            return [mask] * len(annotations)
+        if picture.mode == "P":  # palette indices mean nothing to the threshold: use the grey levels
+            values = np.asarray(picture.convert("L"))
         if values.ndim == 3:
             values = values[..., 0]
         mask = np.ascontiguousarray(values > self.foreground_above)

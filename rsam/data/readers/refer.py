@@ -83,7 +83,7 @@ class ReferReader(Reader):
         self.where = self.refs_file
         refs = self._read_refs(cache_dir)
         images, anns, categories = self._read_instances()
-        splits = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
+        splits = sorted({r["split"] for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
         if split is not None and split not in splits:
             raise DataError(self.refs_file, f"no ref has split {split!r}; the splits are {splits}", "field")
         # per image: [(text, category, [ann ids], source id)]
@@ -91,15 +91,17 @@ class ReferReader(Reader):
         self.image_sizes: Dict[str, Tuple[int, int]] = {}
         for i, ref in enumerate(refs):
             try:
-                if split is not None and isinstance(ref, dict) and ref.get("split") != split:
+                if split is not None and isinstance(ref, dict) and isinstance(ref.get("split"), str) \
+                        and ref["split"] != split:
                     continue
                 items = self._expressions_of(ref, i, images, anns, categories)
             except DataError as e:
                 self.problems.append(e)
                 continue
             file_name, size, exprs = items
-            self.image_sizes[file_name] = size
-            per_image.setdefault(file_name, []).extend(exprs)
+            if exprs:
+                self.image_sizes[file_name] = size
+                per_image.setdefault(file_name, []).extend(exprs)
         if shared_text == "union":
             per_image = {k: self._merge_shared(v) for k, v in per_image.items()}
         self._expressions = per_image
@@ -143,6 +145,8 @@ class ReferReader(Reader):
         missing = [k for k in _REF_KEYS if k not in ref]
         if missing:
             raise DataError(self.refs_file, f"{where} has no {missing} field(s)", "field")
+        if not isinstance(ref["split"], str):
+            raise DataError(self.refs_file, f"{where}.split must be a string, got {ref['split']!r}", "field")
         image = images.get(ref["image_id"])
         if image is None:
             raise DataError(self.refs_file, f"{where}.image_id {ref['image_id']} has no image in "
@@ -158,14 +162,21 @@ class ReferReader(Reader):
         sentences = ref["sentences"]
         if not isinstance(sentences, list) or not sentences:
             raise DataError(self.refs_file, f"{where}.sentences must be a non-empty list", "field")
+        try:
+            size = (int(image["height"]), int(image["width"]))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(self.instances_file, f"image {ref['image_id']} lacks a valid 'height'/'width'",
+                            "field") from None
         exprs = []
         for k, sent in enumerate(sentences):
             text = (sent.get("raw") or sent.get("sent")) if isinstance(sent, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(self.refs_file, f"{where}.sentences[{k}] has no 'raw'/'sent' text", "description")
+            if not isinstance(text, str) or not text.strip():  # only this sentence is lost
+                self.problems.append(DataError(self.refs_file, f"{where}.sentences[{k}] has no 'raw'/'sent' text",
+                                               "description"))
+                continue
             sid = sent.get("sent_id", k)
             exprs.append((text.strip(), category, [int(ref["ann_id"])], f"ref {ref.get('ref_id', i)} sent {sid}"))
-        return file_name, (int(image["height"]), int(image["width"])), exprs
+        return file_name, size, exprs
 
     @staticmethod
     def _merge_shared(exprs):
@@ -184,7 +195,7 @@ class ReferReader(Reader):
     def available_splits(cls, root: str, **options) -> List[str]:
         reader = cls(root, None, **options)
         refs = load_plain_pickle_cached(reader.refs_file, cache_dir=options.get("cache_dir"), path_manager=reader.pm)
-        return sorted({str(r["split"]) for r in refs if isinstance(r, dict) and "split" in r})
+        return sorted({r["split"] for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
 
     def image_path(self, name: str) -> str:
         return self.join("images", self.dataset_name, "JPEGImages", name)
