@@ -221,7 +221,7 @@ def test_reader_round_trip_on_synthetic(synthetic, tmp_path):
     # a hand-written split list with whitespace, extensions and blank lines
     lst = tmp_path / "list.txt"
     lst.write_text(f"  {train_names[0]}.jpg \n\n{train_names[1]}\t\n")
-    assert ReferringDataset(str(root), file_list=str(lst), training=False).names == train_names[:2]
+    assert ReferringDataset(str(root), reader_options={"file_list": str(lst)}, training=False).names == train_names[:2]
     # original-resolution access for scoring
     orig = ds.read_original(0)
     assert orig["image"].shape == (128, 128, 3) and orig["masks"].shape[1:] == (128, 128)

@@ -196,7 +196,7 @@ def test_clear_errors(setup, capsys, tmp_path):
     base = ["--checkpoint", str(setup["ckpt"]), "--num-gpus", "0", "--no-progress", "--out", str(tmp_path)]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    _expect_exit(capsys, base + [f"data.test.dataset.file_list={empty}"], "empty.txt: split list is empty")
+    _expect_exit(capsys, base + [f"+data.test.dataset.reader_options.file_list={empty}"], "empty.txt: split list is empty")
     _expect_exit(capsys, base + ["--split", "val"], "RISORS_val.txt: split list is empty")  # 0 val images
     _expect_exit(capsys, base + ["--split", "nosuch"], "no data.nosuch section")
     _expect_exit(capsys, base + ["-c", str(TINY_CONFIG), "scratch.resolution=64", "model.mlp_dim=128"],

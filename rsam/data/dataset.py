@@ -91,7 +91,6 @@ class ReferringDataset(Dataset):
         max_retries: int = 10,
         format: str = "risors",
         reader_options: Optional[Dict] = None,
-        file_list: Optional[str] = None,
         path_manager: Optional[PathManager] = None,
     ):
         if empty_annotations not in ("skip", "negative"):
@@ -100,11 +99,8 @@ class ReferringDataset(Dataset):
             raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
         if max_expressions_per_image is not None and max_expressions_per_image < 1:
             raise ValueError(f"max_expressions_per_image must be >= 1 or None, got {max_expressions_per_image}")
-        options = dict(reader_options or {})
-        if file_list is not None:
-            options["file_list"] = file_list
         self.format = format
-        self.reader = open_reader(format, root, split, path_manager=path_manager, **options)
+        self.reader = open_reader(format, root, split, path_manager=path_manager, **(reader_options or {}))
         self.training = (split == "train") if training is None else bool(training)
         if transform is None:
             transform = TrainTransform(resolution) if self.training else EvalTransform(resolution)
