@@ -83,9 +83,9 @@ class ReferReader(Reader):
         self.where = self.refs_file
         refs = self._read_refs(cache_dir)
         images, anns, categories = self._read_instances()
-        splits = sorted({r["split"] for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
-        if split is not None and split not in splits:
-            raise DataError(self.refs_file, f"no ref has split {split!r}; the splits are {splits}", "field")
+        self.splits = sorted({r["split"] for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
+        if split is not None and split not in self.splits:
+            raise DataError(self.refs_file, f"no ref has split {split!r}; the splits are {self.splits}", "field")
         # per image: [(text, category, [ann ids], source id)]
         per_image: Dict[str, List[Tuple[str, Optional[str], List[int], str]]] = {}
         self.image_sizes: Dict[str, Tuple[int, int]] = {}
@@ -193,9 +193,7 @@ class ReferReader(Reader):
     # -------------------------------------------------------------------------------------------- interface
     @classmethod
     def available_splits(cls, root: str, **options) -> List[str]:
-        reader = cls(root, None, **options)
-        refs = load_plain_pickle_cached(reader.refs_file, cache_dir=options.get("cache_dir"), path_manager=reader.pm)
-        return sorted({r["split"] for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
+        return cls(root, None, **options).splits
 
     def image_path(self, name: str) -> str:
         return self.join("images", self.dataset_name, "JPEGImages", name)
