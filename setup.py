@@ -32,8 +32,13 @@ REQUIRES = [
     "safetensors>=0.4",
 ]
 EXTRAS = {
-    "dev": ["pytest>=7", "scipy>=1.10", "opencv-python-headless>=4.8"],
+    "dev": ["pytest>=7", "scipy>=1.10", "opencv-python-headless>=4.8", "peft>=0.13",
+            "huggingface_hub>=0.20", "rasterio>=1.3"],
+    "lora": ["peft>=0.13"],  # finetune.lora (rsam/finetune.py)
     "slurm": ["submitit>=1.5"],
+    "hub": ["huggingface_hub>=0.20", "safetensors>=0.4"],  # push_to_hub / from_pretrained("user/name")
+    "geo": ["rasterio>=1.3"],  # GeoTIFF in, georeferenced masks out (rsam-predict)
+    "ui": ["gradio>=6.31,<7"],  # rsam-ui web demo (rsam/tools/ui.py)
 }
 
 
@@ -131,6 +136,8 @@ setup(
         "rsam-eval=training.eval:main",
         "rsam-predict=rsam.tools.predict:main",
         "rsam-data=rsam.tools.data:main",
+        "rsam-export=rsam.tools.export:main",
+        "rsam-ui=rsam.tools.ui:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
 
     cfg = U.load_config(args.config, args.overrides, args.resolution)
     model = U.build_model(cfg, device, mode="train", channels_last=args.channels_last)
+    ac = (cfg.get("trainer") or {}).get("activation_checkpointing")
+    if ac:  # the recipe's memory lever, as the trainer applies it (e.g. configs/rsam_b+_b_1gpu.yaml)
+        model.set_activation_checkpointing(trunk=True, transformers=ac == "all")
     loss_fn, optim, clip = build_training(cfg, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = U.synthetic_batch(model, args.images, args.exprs_per_image, args.tokens, device,
@@ -89,6 +92,7 @@ def main(argv=None) -> dict:
         "compile": bool(args.compile),
         "compile_mode": args.compile_mode,
         "channels_last": bool(args.channels_last),
+        "activation_checkpointing": ac,
         "fused_adamw": bool(optim.optimizer.defaults.get("fused")),
         "grad_clip": clip,
         "flops_per_step": flops["flops_per_step"],

@@ -107,6 +107,9 @@ step 180 "eval compiled 32x1"          $BE --compile
 step 90  "train eager 16x3 (memory)"   $BT --images 16 --no-flops
 step 90  "train eager 8x3 channels-last" $BT --channels-last --no-flops
 step 90  "train eager 8x3 at 1024 px"  $BT --resolution 1024 --no-flops
+# the one-GPU recipe's micro-batch (8 images, <= 24 expressions, trunk checkpointing): README "Fine-tuning on one GPU"
+step 90  "train 1gpu recipe 8x3 (memory)" $PY benchmarks/bench_train.py --config configs/rsam_b+_b_1gpu.yaml \
+  --out $JSONL --no-flops ${BENCH_EXTRA:-}
 step 60  "eval eager 32x1 at 1024 px"  $BE --resolution 1024 --no-flops
 
 note "summary ($(( $(date +%s) - START ))s)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the pretrained weights the paper recipe starts from (needs internet):
-#   checkpoints/sam2.1_hiera_base_plus.pt   SAM 2.1 Hiera-B+ ({"model": state_dict}; image encoder is reused)
+#   checkpoints/sam2.1_hiera_{tiny,small,base_plus,large}.pt   SAM 2.1 ({"model": state_dict}; image encoder is reused)
 #   checkpoints/bert-base-uncased/          Hugging Face BERT directory (config.json, model.safetensors, vocab.txt)
 # Offline? Copy these files here by hand; see checkpoints/README.md.
 set -euo pipefail
@@ -15,7 +15,14 @@ fetch() {  # fetch URL DEST
   mv "$dest.part" "$dest"
 }
 
-fetch https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt sam2.1_hiera_base_plus.pt
+# SAM 2.1 image encoders: base_plus for the paper recipe (configs/rsam_b+_b.yaml), the others for
+# configs/rsam_{t,s,l}_b.yaml. Pass sizes to fetch only those: bash download_ckpts.sh base_plus tiny
+sizes=("$@")
+[[ ${#sizes[@]} -gt 0 ]] || sizes=(tiny small base_plus large)
+for size in "${sizes[@]}"; do
+  case $size in tiny|small|base_plus|large) ;; *) echo "unknown size: $size (tiny small base_plus large)" >&2; exit 2;; esac
+  fetch "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_${size}.pt" "sam2.1_hiera_${size}.pt"
+done
 
 mkdir -p bert-base-uncased
 for f in config.json model.safetensors vocab.txt tokenizer_config.json tokenizer.json; do

@@ -5,7 +5,9 @@ has no side effects:
 
 * :class:`RSAM` -- the network (``rsam.modeling.rsam``);
 * :func:`build_rsam` -- build from a config and load a checkpoint (``rsam.build``);
-* :class:`RSAMPredictor` -- image + expressions -> masks at the original size (``rsam.predictor``).
+* :class:`RSAMPredictor` -- image + expressions -> masks at the original size (``rsam.predictor``);
+* :func:`load_pretrained`, :func:`save_pretrained`, :func:`push_to_hub` -- pretrained directories and the
+  Hugging Face Hub (``rsam.pretrained``): ``model, cfg = rsam.load_pretrained("user/rsam-b-plus")``.
 """
 from __future__ import annotations
 
@@ -13,18 +15,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["RSAM", "RSAMPredictor", "build_rsam", "__version__"]
+__all__ = ["RSAM", "RSAMPredictor", "build_rsam", "load_pretrained", "save_pretrained", "push_to_hub",
+           "__version__"]
 
 _LAZY = {
     "RSAM": "rsam.modeling.rsam",
     "build_rsam": "rsam.build",
     "RSAMPredictor": "rsam.predictor",
+    "load_pretrained": "rsam.pretrained",
+    "save_pretrained": "rsam.pretrained",
+    "push_to_hub": "rsam.pretrained",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from rsam.build import build_rsam
     from rsam.modeling.rsam import RSAM
     from rsam.predictor import RSAMPredictor
+    from rsam.pretrained import load_pretrained, push_to_hub, save_pretrained
 
 
 def __getattr__(name: str) -> Any:

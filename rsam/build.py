@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -93,7 +93,14 @@ def build_rsam(
 
     if mode not in ("eval", "train"):
         raise ValueError(f"build_rsam: mode must be 'eval' or 'train', got {mode!r}")
-    model = instantiate(model_config(cfg_model), _convert_="all")
+    from hydra.errors import InstantiationException
+
+    try:
+        model = instantiate(model_config(cfg_model), _convert_="all")
+    except InstantiationException as exc:  # the model's own message, not hydra's wrapper around it
+        if isinstance(exc.__cause__, (ValueError, TypeError, KeyError)):
+            raise exc.__cause__ from None
+        raise
     if checkpoint is not None:
         for source in checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]:
             log.info("%s", load_weights(model, source, strict=strict, take_sam_heads=take_sam_heads))
@@ -134,31 +141,42 @@ def build_from_checkpoint(
     config: Any = None,
     device: Union[None, str, torch.device] = None,
     overrides: Sequence[str] = (),
+    base: Optional[Sequence[Union[str, Mapping]]] = None,
+    merge_adapters: bool = True,
 ) -> Tuple[nn.Module, dict]:
     """Build the model a checkpoint was trained as and load its weights -> ``(model in eval mode, config dict)``.
 
     Args:
-        checkpoint: our checkpoint (its stored config is used), or an official / bare RSAM state dict (then
-            ``config`` is required); a path or a :class:`rsam.checkpoint.Checkpoint` already read.
+        checkpoint: our checkpoint (its stored config is used), a pretrained directory (:mod:`rsam.pretrained`:
+            its config.json is used), or an official / bare RSAM state dict (then ``config`` is required); a
+            path or a :class:`rsam.checkpoint.Checkpoint` already read.
         config: YAML path, dict or DictConfig replacing the stored config. Where its ``model`` node differs from
             the stored one, the differing keys are named: in a :class:`ConfigMismatchError` when the weights do
             not fit, in a warning when they do.
         device: default CUDA when available, else CPU.
         overrides: Hydra overrides applied to a YAML ``config`` (e.g. ``["model.image_size=512"]``).
+        base: for a checkpoint of a LoRA run (only the trained tensors): the base weights to load first, paths or
+            ``{path, **load_weights options}``; default the run's own ``trainer.checkpoint.init``.
+        merge_adapters: fold LoRA adapters into their linears (plain model keys and speed; same outputs).
     """
-    ckpt = read_checkpoint(checkpoint)
+    from rsam.pretrained import is_pretrained_dir, read_pretrained  # a pretrained directory (rsam/pretrained.py)
+
+    ckpt = read_pretrained(checkpoint) if is_pretrained_dir(checkpoint) else read_checkpoint(checkpoint)
     stored = ckpt.config
     if config is None and stored is None:
         raise ValueError(f"{ckpt.source} holds no config (an official or bare state dict): pass a config "
                          "(config=<YAML>, --config) describing the model")
     cfg = _plain(_as_config(config, overrides)) if config is not None else stored
-    where = "the config" if config is not None else f"the config stored in {ckpt.source}"
+    stored_in = ckpt.extra.get("config_file", ckpt.source)  # a pretrained directory: its config.json
+    where = "the config" if config is not None else f"the config stored in {stored_in}"
     if not isinstance(cfg.get("model"), Mapping):
         raise KeyError(f"{where} has no `model:` node")
     diffs = config_differences(stored["model"], cfg["model"]) if (config is not None and stored) else []
     listing = "\n  ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    if ckpt.extra.get("trained_only"):
+        return _build_fine_tuned(ckpt, cfg, device, base, merge_adapters), cfg
     try:
         model = build_rsam(model_config(cfg), checkpoint=ckpt, device=device, mode="eval")
     except CheckpointError as exc:
@@ -170,6 +188,27 @@ def build_from_checkpoint(
         log.warning("%s: the config's model node differs from the one stored in the checkpoint (the weights "
                     "fit):\n  %s", ckpt.source, listing)
     return model, cfg
+
+
+def _build_fine_tuned(ckpt: Checkpoint, cfg: dict, device: torch.device, base, merge_adapters: bool) -> nn.Module:
+    """A LoRA run's checkpoint: base weights, the run's ``finetune`` section, then the trained tensors."""
+    from rsam.checkpoint import initialise_from_pretrained
+    from rsam.finetune import apply_finetune, load_trained_state_dict, merge_lora
+
+    if base is None:
+        base = ((cfg.get("trainer") or {}).get("checkpoint") or {}).get("init") or []
+        if not base:
+            log.warning("%s holds only fine-tuned tensors and its config names no base weights "
+                        "(trainer.checkpoint.init): the rest of the model stays randomly initialised", ckpt.source)
+    sources = [dict(s) if isinstance(s, Mapping) else {"path": str(s)} for s in base]
+    model = build_rsam(model_config(cfg))
+    initialise_from_pretrained(model, sources)
+    # the adapters' structure belongs to the checkpoint: its own finetune section, whatever config was passed
+    model = apply_finetune(model, (ckpt.config or {}).get("finetune") or cfg.get("finetune"))
+    load_trained_state_dict(model, ckpt.state_dict, str(ckpt.source))
+    if merge_adapters:
+        model = merge_lora(model)
+    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ then a large constant with zero gradient, and only the object score can recover.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +122,9 @@ def per_expression_losses(
     }
 
 
-def _num_objects(n: int, device: torch.device, reduce_across_ranks: bool) -> torch.Tensor:
+def _num_objects(n: Union[int, torch.Tensor], device: torch.device, reduce_across_ranks: bool) -> torch.Tensor:
     """max(1, mean over ranks of the local expression count), as a device tensor (no host sync)."""
-    num = torch.full((), float(n), device=device)
+    num = n.float().to(device) if isinstance(n, torch.Tensor) else torch.full((), float(n), device=device)
     if reduce_across_ranks and distributed.is_distributed():
         # Every rank divides by the same count, so the DDP gradient average equals the gradient of the
         # global per-expression mean even when ranks hold different numbers of expressions.
@@ -180,18 +180,27 @@ class RSAMLoss(nn.Module):
             self.iou_use_l1_loss,
         )
 
-    def forward(self, outputs, gt_masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs, gt_masks: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                num_objects: Union[None, int, torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """outputs: RSAMOutput-like (logits (N,1,H,W), iou_pred (N,1), object_score_logits (N,1));
         gt_masks: (N,H,W) bool. Returns 0-d tensors ``loss_mask``, ``loss_dice``, ``loss_iou``,
-        ``loss_class`` and ``core_loss`` (the weighted sum to back-propagate)."""
+        ``loss_class`` and ``core_loss`` (the weighted sum to back-propagate).
+
+        valid: optional (N,) bool, False on padding rows (static-shape batches): they add nothing and are not
+            counted. num_objects: the local count to normalise by instead of this batch's (valid) expressions,
+            e.g. the count of a whole accumulated step.
+        """
         terms = self.per_expression(outputs, gt_masks)
-        num = _num_objects(gt_masks.shape[0], terms["focal"].device, self.reduce_across_ranks)
-        o = terms["target_obj"]
+        if num_objects is None:
+            num_objects = gt_masks.shape[0] if valid is None else valid.sum()
+        num = _num_objects(num_objects, terms["focal"].device, self.reduce_across_ranks)
+        keep = None if valid is None else valid.to(terms["class"].dtype)
+        o = terms["target_obj"] if keep is None else terms["target_obj"] * keep
         losses = {
             "loss_mask": (o * terms["focal"]).sum() / num,
             "loss_dice": (o * terms["dice"]).sum() / num,
             "loss_iou": (o * terms["iou"]).sum() / num,
-            "loss_class": terms["class"].sum() / num,
+            "loss_class": (terms["class"] if keep is None else keep * terms["class"]).sum() / num,
         }
         losses["core_loss"] = sum(self.weight_dict[k] * v for k, v in losses.items())
         return losses

@@ -3,15 +3,20 @@
     from rsam import RSAMPredictor
 
     predictor = RSAMPredictor.from_checkpoint("rsam_logs/exp/checkpoints/best.pt")
+    predictor = RSAMPredictor.from_pretrained("user/rsam-b-plus")   # or a pretrained directory (rsam.pretrained)
     predictor.set_image("scene.jpg")                      # image features computed once
     for p in predictor.predict(["the red ship", "the airplane at the top left"]):
         print(p.text, p.mask.shape, p.iou_pred, "no target" if p.no_target else "")
+    per_image = predictor.predict_batch(["a.jpg", "b.jpg"], [["the red ship"], ["the largest building"]])
 
 What happens: the image is resized to the network resolution R (square, bilinear) exactly like the evaluation
 transform, and the model normalises it; the image encoder runs once in :meth:`RSAMPredictor.set_image`.
 :meth:`RSAMPredictor.predict` tokenises the expressions with the checkpoint's tokenizer settings, runs text
 encoder, fusion and mask decoder for all of them in one batched call, and upsamples each low-resolution
 (R/4) mask logit map bilinearly to the original (H, W) in one step, as SAM's predictors do.
+:meth:`RSAMPredictor.predict_batch` runs the image encoder once on a batch of B images (B, 3, R, R) and the
+decoder on the expressions of all of them together; its results equal per-image :meth:`predict` calls up to
+floating-point reordering.
 
 Padding: a model built with ``use_text_padding_mask: false`` (the official RSAM) lets padded text positions
 take part in the fusion, so an expression's mask would depend on the longest expression of the call. The
@@ -65,13 +70,17 @@ class RSAMPredictor:
             (an :class:`rsam.data.tokenizer.RSAMTokenizer`).
         mask_threshold: a pixel is foreground where its logit is > this (0 = probability 0.5).
         max_batch: most expressions per decoder call (memory bound for long lists).
+        config: the config the model was built from (``model`` and ``tokenizer`` nodes); needed by
+            :meth:`save_pretrained`, set by :meth:`from_checkpoint` / :meth:`from_pretrained`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, mask_threshold: float = 0.0, max_batch: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer, mask_threshold: float = 0.0, max_batch: int = 64,
+                 config: Optional[dict] = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.config = config  # the model + tokenizer config it was built from (for save_pretrained)
         self.mask_threshold = float(mask_threshold)
         self.max_batch = int(max_batch)
         self._features = None
@@ -100,7 +109,50 @@ class RSAMPredictor:
         from rsam.data.tokenizer import tokenizer_from_config
 
         model, cfg = build_from_checkpoint(checkpoint, config, device, overrides)
-        return cls(model, tokenizer_from_config(cfg, vocab, checkpoint), **kwargs)
+        where = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
+        return cls(model, tokenizer_from_config(cfg, vocab, where), config=cfg, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: Union[str, os.PathLike],
+        revision: Optional[str] = None,
+        device: Union[None, str, torch.device] = None,
+        **kwargs: Any,
+    ) -> "RSAMPredictor":
+        """Load a pretrained directory or a Hub repo id (see :func:`rsam.pretrained.load_pretrained`).
+
+        ``kwargs``: ``cache_dir``, ``local_files_only``, ``token`` go to the Hub lookup, the rest
+        (``mask_threshold``, ``max_batch``) to the constructor.
+        """
+        from rsam.data.tokenizer import tokenizer_from_config
+        from rsam.pretrained import load_pretrained
+
+        hub = {k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token") if k in kwargs}
+        model, cfg = load_pretrained(path_or_repo_id, revision=revision, device=device, **hub)
+        return cls(model, tokenizer_from_config(cfg), config=cfg, **kwargs)
+
+    @classmethod
+    def load(cls, source: Union[str, os.PathLike], config: Any = None, device: Union[None, str, torch.device] = None,
+             revision: Optional[str] = None, **kwargs: Any) -> "RSAMPredictor":
+        """Whatever ``source`` is: a checkpoint file (an official one with ``config``), a pretrained directory or
+        a Hub repo id ("user/name"). ``kwargs``: as :meth:`from_checkpoint` (``vocab``, ``overrides``, ...)."""
+        from rsam.pretrained import looks_like_repo_id
+
+        if config is None and (looks_like_repo_id(source) or revision is not None):
+            return cls.from_pretrained(source, revision=revision, device=device,
+                                       **{k: v for k, v in kwargs.items() if k not in ("vocab", "overrides")})
+        return cls.from_checkpoint(source, config=config, device=device, **kwargs)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], **kwargs: Any):
+        """Write the model and tokenizer as a pretrained directory (:func:`rsam.pretrained.save_pretrained`;
+        ``kwargs``: ``metrics``, ``info``, ``card``) -> its path."""
+        from rsam.pretrained import save_pretrained
+
+        if self.config is None:
+            raise ValueError("RSAMPredictor.save_pretrained: this predictor has no config (it was built from a "
+                             "model): use rsam.pretrained.save_pretrained(model, config, directory)")
+        return save_pretrained(self.model, self.config, directory, tokenizer=self.tokenizer, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +200,61 @@ class RSAMPredictor:
         """
         if self._features is None:
             raise RuntimeError("RSAMPredictor.predict: call set_image(image) first")
+        ids = self.check_texts(texts)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        outputs = self._decode_all(self._features, [0] * len(ids), ids)
+        return [self._prediction(t, *out, self._orig_size, fill_hole_area, min_island_area)
+                for t, out in zip(texts, outputs)]
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        images: Sequence[ImageInput],
+        texts_per_image: Sequence[Union[str, Sequence[str]]],
+        fill_hole_area: int = 0,
+        min_island_area: int = 0,
+    ) -> List[List[Prediction]]:
+        """Masks for the expressions of several images, the image encoder run once on all of them.
+
+        Args:
+            images: B images (anything :func:`rsam.data.images.load_image` reads), of any sizes: each is resized
+                to (R, R) and the batch (B, 3, R, R) goes through the image encoder in one call.
+            texts_per_image: B entries, the expression(s) of each image (at least one each).
+            fill_hole_area, min_island_area: as in :meth:`predict`.
+        Returns:
+            B lists of :class:`Prediction` (masks at each image's original size), in input order; equal to
+            ``set_image(image); predict(texts)`` per image up to floating-point reordering. The current image
+            of :meth:`set_image` is left as it was.
+        """
+        if len(images) != len(texts_per_image):
+            raise ValueError(f"RSAMPredictor.predict_batch: {len(images)} images but {len(texts_per_image)} "
+                             "expression lists")
+        if not images:
+            return []
+        ids, owner, texts = [], [], []
+        for b, entry in enumerate(texts_per_image):
+            try:
+                image_ids = self.check_texts(entry)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"image {b}: {exc}") from None
+            ids += image_ids
+            owner += [b] * len(image_ids)
+            texts.append([entry] if isinstance(entry, str) else list(entry))
+        rgbs = [load_image(image) for image in images]
+        pixels = torch.stack([resize_image(rgb, self.model.image_size) for rgb in rgbs]).to(self.device)
+        features = self.model.encode_image(pixels)  # (B, 3, R, R) uint8 -> features of B images
+        outputs = self._decode_all(features, owner, ids)
+        results: List[List[Prediction]] = [[] for _ in images]
+        flat = iter(outputs)
+        for b, rgb in enumerate(rgbs):
+            size = (int(rgb.shape[0]), int(rgb.shape[1]))
+            for text in texts[b]:
+                results[b].append(self._prediction(text, *next(flat), size, fill_hole_area, min_island_area))
+        return results
+
+    def check_texts(self, texts: Union[str, Sequence[str]]) -> List[List[int]]:
+        """Validate expressions and tokenise them -> token ids per expression; ValueError / TypeError say which
+        expression is wrong (empty, not a string, longer than the model takes)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("RSAMPredictor.predict: no expression given")
@@ -162,40 +269,35 @@ class RSAMPredictor:
             if len(seq) > max_tokens:
                 raise ValueError(f"RSAMPredictor.predict: expression {i} has {len(seq)} tokens, the model takes at "
                                  f"most {max_tokens} (max_text_tokens): shorten it")
+        return ids
 
-        low_res = [None] * len(texts)
-        iou = torch.zeros(len(texts))
-        score = torch.zeros(len(texts))
+    def _decode_all(self, features, owner: List[int], ids: List[List[int]]) -> List[Tuple[torch.Tensor, float, float]]:
+        """Decode expression i against image ``owner[i]`` of ``features`` -> per expression
+        ``(low-res logits (R/4, R/4) float32 on the model's device, iou_pred, object_score)``."""
+        out: List[Any] = [None] * len(ids)
         for group in self._groups(ids):
-            out = self._decode([ids[i] for i in group])
+            dec = self._decode(features, [owner[i] for i in group], [ids[i] for i in group])
+            iou = dec.iou_pred[:, 0].float().cpu()
+            score = dec.object_score_logits[:, 0].float().cpu()
             for j, i in enumerate(group):
-                low_res[i] = out.low_res_logits[j, 0].float()
-                iou[i] = out.iou_pred[j, 0].float().cpu()
-                score[i] = out.object_score_logits[j, 0].float().cpu()
+                out[i] = (dec.low_res_logits[j, 0].float(), float(iou[j]), float(score[j]))
+        return out
 
-        h, w = self._orig_size
-        results = []
-        for i, text in enumerate(texts):
-            if score[i] <= 0:  # gated: keep the exact constant (interpolation weights do not sum to 1 exactly)
-                logits = torch.full((h, w), NO_OBJ_SCORE, device=low_res[i].device)
-            else:  # one bilinear step from R/4 to the original size
-                logits = F.interpolate(low_res[i][None, None], size=(h, w), mode="bilinear",
-                                       align_corners=False)[0, 0]
-            if fill_hole_area or min_island_area:
-                from rsam.ops.postprocess import postprocess_masks
+    def _prediction(self, text: str, low_res: torch.Tensor, iou: float, score: float, size: Tuple[int, int],
+                    fill_hole_area: int, min_island_area: int) -> Prediction:
+        """One expression's low-res logits (R/4, R/4) -> :class:`Prediction` at the original ``size`` (H, W)."""
+        h, w = size
+        if score <= 0:  # gated: keep the exact constant (interpolation weights do not sum to 1 exactly)
+            logits = torch.full((h, w), NO_OBJ_SCORE, device=low_res.device)
+        else:  # one bilinear step from R/4 to the original size
+            logits = F.interpolate(low_res[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        if fill_hole_area or min_island_area:
+            from rsam.ops.postprocess import postprocess_masks
 
-                logits = postprocess_masks(logits, int(fill_hole_area), int(min_island_area), self.mask_threshold)
-            logits = logits.cpu()
-            results.append(Prediction(
-                text=text,
-                mask=logits > self.mask_threshold,
-                logits=logits,
-                low_res_logits=low_res[i].cpu(),
-                iou_pred=float(iou[i]),
-                object_score=float(score[i]),
-                no_target=bool(score[i] <= 0),
-            ))
-        return results
+            logits = postprocess_masks(logits, int(fill_hole_area), int(min_island_area), self.mask_threshold)
+        logits = logits.cpu()
+        return Prediction(text=text, mask=logits > self.mask_threshold, logits=logits,
+                          low_res_logits=low_res.cpu(), iou_pred=iou, object_score=score, no_target=score <= 0)
 
     def _max_tokens(self) -> int:
         """Longest expression the model takes: rows of the text position embedding and of BERT's."""
@@ -217,7 +319,8 @@ class RSAMPredictor:
             out.extend(members[s:s + self.max_batch] for s in range(0, len(members), self.max_batch))
         return out
 
-    def _decode(self, ids: List[List[int]]):
+    def _decode(self, features, owner: List[int], ids: List[List[int]]):
+        """N expressions (token ids) against images ``owner`` (N,) of ``features`` -> the model's RSAMOutput."""
         n, length = len(ids), max(len(s) for s in ids)
         pad = int(getattr(self.tokenizer, "pad_id", 0))
         input_ids = torch.full((n, length), pad, dtype=torch.long)
@@ -226,5 +329,7 @@ class RSAMPredictor:
             input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, :len(seq)] = 1
         device = self.device
-        expr_to_image = torch.zeros(n, dtype=torch.long, device=device)
-        return self.model.decode(self._features, expr_to_image, input_ids.to(device), attention_mask.to(device))
+        expr_to_image = torch.tensor(owner, dtype=torch.long)  # checked on the CPU by the model, then moved
+        if device.type != "cpu":
+            expr_to_image = expr_to_image.to(device)
+        return self.model.decode(features, expr_to_image, input_ids.to(device), attention_mask.to(device))

@@ -1,8 +1,18 @@
-"""Pictures a person looks at: masks tinted over the image with captions, and TP / FP / FN error maps.
+"""Pictures a person looks at: masks over the image with captions, and TP / FP / FN error maps.
 
 Everything works on uint8 RGB arrays (H, W, 3) and bool masks (H, W) of the same size and returns a
 ``PIL.Image`` (the picture plus a caption panel underneath), ready for ``.save("x.png")``. Only numpy and
 Pillow are used, so the functions run anywhere the predictor runs.
+
+So that the pictures read at a glance:
+
+* :func:`draw_masks` ``style="outline"`` draws only each mask's border (a coloured band inside the mask with a
+  thin dark line just outside it) and leaves every other pixel as it is: an object keeps its own colour (a red
+  outline over a yellow building does not turn it "orange"). ``side_by_side=True`` puts the untouched input
+  left of the overlay. ``style="fill"`` tints the inside as well.
+* :func:`draw_errors` draws TP / FP / FN over a grey (desaturated, dimmed) copy of the image, so the legend
+  colours cannot be confused with the scene (a red ship is not a false positive); ``side_by_side=True`` adds
+  the colour input on the left.
 """
 from __future__ import annotations
 
@@ -16,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 if TYPE_CHECKING:  # comparison_panel works on tensors; everything else needs only numpy and Pillow
     import torch
 
-__all__ = ["PALETTE", "ERROR_COLORS", "Caption", "draw_masks", "draw_errors", "mask_to_png", "comparison_panel"]
+__all__ = ["PALETTE", "ERROR_COLORS", "STYLES", "Caption", "draw_masks", "draw_errors", "mask_to_png",
+           "comparison_panel", "greyed"]
 
 Color = Tuple[int, int, int]
 
@@ -33,6 +44,9 @@ PALETTE: Tuple[Color, ...] = (
 )
 MIN_WIDTH = 480  # pixels; smaller pictures are enlarged before the captions are drawn
 ERROR_COLORS = {"TP": (40, 220, 60), "FP": (255, 40, 40), "FN": (40, 120, 255)}
+STYLES = ("outline", "fill")
+HALO = (0, 0, 0)  # the thin line just outside an outline, so that it stands out on any background
+GAP = 6  # pixels between the panels of a side-by-side picture
 
 
 @dataclass
@@ -82,6 +96,33 @@ def _boundary(mask: np.ndarray, thickness: int) -> np.ndarray:
         shrunk[:, 0] = shrunk[:, -1] = False
         inner = shrunk
     return mask & ~inner
+
+
+def _outer_ring(mask: np.ndarray) -> np.ndarray:
+    """Background pixels 8-adjacent to ``mask`` (bool (H, W)): a 1-px line just outside it."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    grown[:, 1:] |= grown[:, :-1].copy()
+    grown[:, :-1] |= grown[:, 1:].copy()
+    return grown & ~mask
+
+
+def greyed(image: np.ndarray, dim: float = 0.5, floor: float = 40.0) -> np.ndarray:
+    """A grey, dimmed copy of an RGB image: uint8 (H, W, 3) with R == G == B = floor + dim * luma (BT.601).
+
+    With the defaults the values span [40, 168]: dark enough for saturated legend colours to stand out, light
+    enough to keep the scene recognisable.
+    """
+    luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.clip(np.round(floor + dim * luma), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _beside(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two (H, W, 3) uint8 pictures side by side with a dark gap of ``GAP`` px: (H, 2W + GAP, 3)."""
+    gap = np.full((left.shape[0], GAP, 3), (24, 24, 28), dtype=np.uint8)
+    return np.concatenate([left, gap, right], axis=1)
 
 
 def _tint(canvas: np.ndarray, mask: np.ndarray, color: Color, alpha: float) -> None:
@@ -146,31 +187,45 @@ def draw_masks(
     captions: Sequence[Caption],
     alpha: float = 0.45,
     title: str = "",
+    style: str = "fill",
+    side_by_side: bool = False,
 ) -> Image.Image:
-    """Masks tinted over the image, each outlined in its colour, with a caption row per entry.
+    """Masks over the image, each in its colour, with a caption row per entry.
 
     Args:
         image: uint8 (H, W, 3).
         masks: bool (H, W) each; an empty mask draws nothing (e.g. a "no target" prediction).
-        captions: one per mask (its ``color`` is used for the tint; None picks from ``PALETTE``).
-        alpha: tint opacity inside the mask.
+        captions: one per mask (its ``color`` is used; None picks from ``PALETTE``).
+        alpha: tint opacity inside the mask (``style="fill"``).
         title: optional first caption line (e.g. the file name).
+        style: ``"fill"``: tint inside + outline; ``"outline"``: only a coloured band of about H/150 px inside
+            each mask's border and a 1-px dark line outside it, every other pixel equal to the input.
+        side_by_side: the untouched input on the left, the overlay on the right ((H, 2W + 6) picture).
     """
+    if style not in STYLES:
+        raise ValueError(f"draw_masks: style must be one of {STYLES}, got {style!r}")
     h, w = _check(image, masks)
     if len(captions) != len(masks):
         raise ValueError(f"draw_masks: {len(captions)} captions for {len(masks)} masks")
     canvas = image.astype(np.float32)
-    thickness = max(1, round(min(h, w) / 300))
+    thickness = max(1, round(min(h, w) / 300)) if style == "fill" else max(2, round(min(h, w) / 150))
     outlines = []
     captions = [c if c.color is not None else Caption(c.text, PALETTE[i % len(PALETTE)], c.detail)
                 for i, c in enumerate(captions)]
     for mask, cap in zip(masks, captions):
         mask = np.asarray(mask, dtype=bool)
-        _tint(canvas, mask, cap.color, alpha)
-        outlines.append((_boundary(mask, thickness), cap.color))
-    for edge, color in outlines:  # outlines last, so an overlapping tint never hides a border
+        if style == "fill":
+            _tint(canvas, mask, cap.color, alpha)
+        outlines.append((mask, _boundary(mask, thickness), cap.color))
+    if style == "outline":  # halos first: a neighbouring mask's outline is never hidden by a halo
+        for mask, _, _ in outlines:
+            canvas[_outer_ring(mask)] = HALO
+    for _, edge, color in outlines:  # outlines last, so an overlapping tint never hides a border
         canvas[edge] = color
-    return _with_captions(canvas.round().astype(np.uint8), captions, title)
+    picture = canvas.round().astype(np.uint8)
+    if side_by_side:
+        picture = _beside(image, picture)
+    return _with_captions(picture, captions, title)
 
 
 def draw_errors(
@@ -178,18 +233,22 @@ def draw_errors(
     pred: np.ndarray,
     gt: np.ndarray,
     text: str = "",
-    alpha: float = 0.55,
+    alpha: float = 0.7,
     detail: str = "",
+    side_by_side: bool = False,
 ) -> Image.Image:
-    """Colour-coded errors: true positives green, false positives red, false negatives blue.
+    """Colour-coded errors over a grey copy of the image: true positives green, false positives red, false
+    negatives blue; elsewhere the picture is grey (R == G == B, see :func:`greyed`).
 
     Args:
         image: uint8 (H, W, 3); pred, gt: bool (H, W).
         text: the expression (first caption row); detail: e.g. "IoU 0.734 | object score 2.31".
+        alpha: opacity of the error colours.
+        side_by_side: the colour input on the left, the error map on the right.
     """
     _check(image, [pred, gt])
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
-    canvas = image.astype(np.float32)
+    canvas = greyed(image).astype(np.float32)
     tp, fp, fn = pred & gt, pred & ~gt, ~pred & gt
     for name, mask in (("TP", tp), ("FP", fp), ("FN", fn)):
         _tint(canvas, mask, ERROR_COLORS[name], alpha)
@@ -197,7 +256,10 @@ def draw_errors(
     rows = [Caption(text, None, detail)] if text or detail else []
     rows += [Caption("true positive", ERROR_COLORS["TP"]), Caption("false positive", ERROR_COLORS["FP"]),
              Caption("false negative (missed)", ERROR_COLORS["FN"], counts)]
-    return _with_captions(canvas.round().astype(np.uint8), rows)
+    picture = canvas.round().astype(np.uint8)
+    if side_by_side:
+        picture = _beside(image, picture)
+    return _with_captions(picture, rows)
 
 
 def mask_to_png(mask: np.ndarray) -> Image.Image:
@@ -206,7 +268,8 @@ def mask_to_png(mask: np.ndarray) -> Image.Image:
 
 
 def comparison_panel(image: "torch.Tensor", gt: "torch.Tensor", pred: "torch.Tensor") -> "torch.Tensor":
-    """TensorBoard panel: image | ground truth tinted green | prediction tinted red.
+    """TensorBoard panel: image | ground truth tinted green | prediction tinted red, the two tinted panels over
+    a grey copy of the image (R == G == B outside the masks) so that the tints cannot be mistaken for the scene.
 
     image (3, R, R) uint8 (the network input); gt, pred (h, w) bool at the scoring resolution (the image is
     resized to it). Returns a (3, h, 3w) float tensor in [0, 1].
@@ -218,9 +281,11 @@ def comparison_panel(image: "torch.Tensor", gt: "torch.Tensor", pred: "torch.Ten
     if tuple(rgb.shape[-2:]) != tuple(gt.shape):
         rgb = F.interpolate(rgb, size=tuple(gt.shape), mode="bilinear", align_corners=False).clamp(0, 1)
     rgb = rgb[0]
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype).view(3, 1, 1)
+    grey = ((40.0 / 255.0) + 0.5 * (rgb * luma).sum(0, keepdim=True)).expand_as(rgb)  # as greyed()
 
     def tint(mask: torch.Tensor, color: Color) -> torch.Tensor:
         c = torch.tensor(color, dtype=rgb.dtype).view(3, 1, 1) / 255.0
-        return torch.where(mask[None], 0.5 * rgb + 0.5 * c, rgb)
+        return torch.where(mask[None], 0.4 * grey + 0.6 * c, grey)
 
     return torch.cat([rgb, tint(gt.bool(), (0, 255, 0)), tint(pred.bool(), (255, 0, 0))], dim=2)

@@ -157,3 +157,21 @@ def test_bench_bad_config_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_predict_smoke(capsys):
+    """benchmarks/bench_predict.py: rsam-predict over a folder at batch 1 and 2 (3 images of 64 px)."""
+    bench_predict = load_script("bench_predict")
+    threads = torch.get_num_threads()
+    try:
+        record = bench_predict.main(["--images", "3", "--size", "64", "--resolution", "64", "--batch-sizes", "1,2",
+                                     "--warmup-images", "0", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(record))  # exactly one JSON line
+    assert record["bench"] == "predict" and record["images"] == 3 and record["resolution"] == 64
+    assert [r["batch_size"] for r in record["runs"]] == [1, 2]
+    for r in record["runs"]:
+        assert r["wall_s"] > 0 and r["images_per_s"] == pytest.approx(3 / r["wall_s"], rel=1e-2)
+    assert record["runs"][0]["speedup_vs_first_run"] == 1.0 and record["device"] == "cpu"

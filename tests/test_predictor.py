@@ -1,14 +1,14 @@
-"""RSAMPredictor and the rsam-predict CLI on a tiny random checkpoint (64 px network, CPU).
+"""RSAMPredictor on a tiny random checkpoint (64 px network, CPU).
 
 What is checked: masks come back at the original size of a non-square image and equal the network's own
 forward pass upsampled in one bilinear step; several expressions of one image go through one decoder call and
 match one-by-one calls (padding mask on), or are grouped by token length when the padding mask is off (the
 official model); "no target" gating; clean-up through rsam.ops.postprocess; image conversion rules; clear
-errors for bad input; the CLI writes masks, a viewable overlay and JSON.
+errors for bad input; predict_batch (one image-encoder call for B images) equals per-image predict. The
+rsam-predict CLI is tested in test_predict_cli.py.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -233,58 +233,43 @@ def test_missing_vocab_is_named(setup, tmp_path):
     assert RSAMPredictor.from_checkpoint(ckpt, device="cpu", vocab=str(setup["vocab"])) is not None
 
 
-def test_cli_writes_masks_and_overlay(setup, tmp_path, capsys):
-    from rsam.tools.predict import predict_cli
-
-    image_file = tmp_path / "scene.png"
-    Image.fromarray(setup["image"]).save(image_file)
-    out = tmp_path / "out"
-    records = predict_cli(["--checkpoint", str(setup["ckpt"]), "--image", str(image_file), "--text", TEXTS[0],
-                    "--text", TEXTS[1], "--out", str(out), "--device", "cpu", "--fill-holes", "4"])
-    printed = capsys.readouterr().out
-    assert "overlay:" in printed and TEXTS[1] in printed
-    record = json.loads((out / "scene_predictions.json").read_text())
-    assert record == json.loads(json.dumps(records[0]))
-    assert [r["expression"] for r in record["predictions"]] == TEXTS[:2]
-    for r in record["predictions"]:
-        mask = np.asarray(Image.open(out / r["mask"]))
-        assert mask.shape == (45, 75) and set(np.unique(mask)) <= {0, 255}
-        assert int((mask == 255).sum()) == r["area_px"]
-    overlay = Image.open(out / "scene_overlay.png")
-    overlay.load()  # a complete, decodable PNG
-    assert overlay.mode == "RGB" and overlay.width >= 480 and overlay.height > overlay.width * 45 / 75
-
-
-def test_cli_bad_input_message(setup, tmp_path, capsys):
-    from rsam.tools.predict import main
-
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG broken")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--checkpoint", str(setup["ckpt"]), "--image", str(bad), "--text", "x", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "bad.png: cannot read the image" in err and "Traceback" not in err
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(setup["ckpt"]), "--image", str(bad), "--text", "x", "--out", str(tmp_path),
-              "--fill-holes", "-1"])
+def test_predict_batch_equals_predict(predictor, setup, monkeypatch):
+    """One image-encoder call for B images (of different sizes), the expressions of all of them decoded
+    together; every result equals set_image + predict on that image alone (float tolerance)."""
+    rng = np.random.default_rng(1)
+    images = [setup["image"], rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+              rng.integers(0, 256, (30, 90, 3), dtype=np.uint8)]
+    texts = [TEXTS, "a vehicle", ["the red ship", "the largest white building at the top left"]]
+    encodes, decodes = [], _count_decodes(predictor.model, monkeypatch)
+    original = predictor.model.encode_image
+    monkeypatch.setattr(predictor.model, "encode_image", lambda x: encodes.append(tuple(x.shape)) or original(x))
+    batched = predictor.predict_batch(images, texts)
+    assert encodes == [(3, 3, 64, 64)] and len(decodes) == 1 and decodes[0][0] == 6
+    for image, entry, results in zip(images, texts, batched):
+        predictor.set_image(image)
+        single = predictor.predict(entry)
+        assert [r.text for r in results] == [r.text for r in single]
+        for b, s in zip(results, single):
+            assert b.mask.shape == image.shape[:2]
+            torch.testing.assert_close(b.low_res_logits, s.low_res_logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(b.logits, s.logits, rtol=1e-4, atol=1e-4)
+            assert b.iou_pred == pytest.approx(s.iou_pred, abs=1e-5)
+            assert b.object_score == pytest.approx(s.object_score, abs=1e-4)
 
 
-def test_cli_exit_status(setup, tmp_path):
-    """The installed rsam-predict exits 0 on success (and prints no Python list), 2 on a bad image."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("rsam-predict")
-    assert exe is not None, "rsam-predict is not installed (pip install -e .)"
-    image_file = tmp_path / "scene.png"
-    Image.fromarray(setup["image"]).save(image_file)
-    cmd = [exe, "--checkpoint", str(setup["ckpt"]), "--text", TEXTS[0], "--out", str(tmp_path / "out"),
-           "--device", "cpu", "--image"]
-    ok = subprocess.run(cmd + [str(image_file)], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stderr.strip() == "" and (tmp_path / "out" / "scene_overlay.png").is_file()
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG broken")
-    failed = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 2 and "bad.png: cannot read the image" in failed.stderr
+def test_predict_batch_official_model_and_errors(predictor, setup, monkeypatch):
+    """Without the padding mask, equal-length expressions of different images share a decoder call."""
+    monkeypatch.setattr(predictor.model, "use_text_padding_mask", False)
+    images = [setup["image"], setup["image"][:, ::-1].copy()]
+    calls = _count_decodes(predictor.model, monkeypatch)
+    batched = predictor.predict_batch(images, [["the red ship"], ["the blue ship", "a vehicle"]])
+    assert sorted(n for n, _ in calls) == [1, 2], calls
+    predictor.set_image(images[1])
+    single = predictor.predict(["the blue ship", "a vehicle"])
+    for b, s in zip(batched[1], single):
+        torch.testing.assert_close(b.low_res_logits, s.low_res_logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="2 images but 1 expression lists"):
+        predictor.predict_batch(images, [["x"]])
+    with pytest.raises(ValueError, match="image 1: RSAMPredictor.predict: expression 0 is empty"):
+        predictor.predict_batch(images, [["the red ship"], [" "]])
+    assert predictor.predict_batch([], []) == []

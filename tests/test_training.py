@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -38,19 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    """80 synthetic 64-px images (56 train / 16 val / 8 test), 2 objects each, and a vocab.txt for its words."""
-    from rsam.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synthetic")
-    scenes = generate(str(root), num_images=80, size=64, seed=0, min_objects=2, max_objects=2,
-                      min_object_frac=0.2, max_object_frac=0.35, val_fraction=0.2, test_fraction=0.1)
-    words = sorted({w for s in scenes for d in s.descriptions for w in re.findall(r"\w+|[^\w\s]", d.lower())})
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    return str(root)
 
 
 def make_cfg(log_dir, data_root: str, *overrides: str):
@@ -200,7 +186,7 @@ class _SignalAtStep:
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, data_root):
     # Randomness everywhere: drop path (torch RNG), expression subsampling, negatives and black boxes (data RNG).
-    overrides = ["trainer.max_epochs=2", "trainer.log_every=1", "model.image_encoder.trunk.drop_path_rate=0.2",
+    overrides = ["trainer.max_epochs=2", "trainer.log_every=1", "model.image_encoder.drop_path_rate=0.2",
                  "scratch.max_exprs_per_image=1", "scratch.negative_ratio=0.5", "scratch.black_box_prob=0.5"]
     full = Trainer(make_cfg(tmp_path / "full", data_root, *overrides))
     full.run()

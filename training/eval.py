@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (ours, or official with -c)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint to evaluate (ours, or official with -c), or a pretrained directory (with -c)")
     p.add_argument("--split", default="test", help="data.<split> section of the config (default: test)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs (processes) on this node; 0 = CPU")
     p.add_argument("--num-procs", type=int, default=None,
@@ -83,10 +84,22 @@ def load_config(args: argparse.Namespace):
     """The composed config (``-c`` + overrides) or the checkpoint's stored one (+ overrides); a DictConfig."""
     from omegaconf import OmegaConf
 
+    from rsam.pretrained import is_pretrained_dir, read_config
+
     if args.config is not None:
         from training.train import compose_config
 
-        return compose_config(args.config, args.overrides)
+        cfg = compose_config(args.config, args.overrides)
+        if is_pretrained_dir(args.checkpoint):
+            # the directory's tokenizer is part of the model: the data pipeline must tokenise with it
+            tokenizer = read_config(args.checkpoint)["tokenizer"]
+            if cfg.get("tokenizer") is not None and OmegaConf.to_container(cfg.tokenizer, resolve=True) != tokenizer:
+                LOG.info("tokenizer: %s of %s replaces the config's", tokenizer, args.checkpoint)
+            OmegaConf.update(cfg, "tokenizer", tokenizer, merge=False, force_add=True)
+        return cfg
+    if is_pretrained_dir(args.checkpoint):
+        raise EvalError(f"{args.checkpoint} is a pretrained directory: it holds the model and tokenizer but no data "
+                        "section; pass -c CONFIG for the data to evaluate on")
     from rsam.checkpoint import read_checkpoint
 
     stored = read_checkpoint(args.checkpoint).config
@@ -158,7 +171,6 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
     from rsam import distributed as D
     from rsam.build import build_from_checkpoint
-    from rsam.checkpoint import read_checkpoint
     from rsam.evaluation import Evaluator
     from rsam.evaluation.metrics import format_metrics
     from rsam.evaluation.writers import PredictionWriter, VisualWriter
@@ -174,7 +186,7 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s")
-        model, _ = build_from_checkpoint(read_checkpoint(args.checkpoint), cfg, device=info.device)
+        model, _ = build_from_checkpoint(args.checkpoint, cfg, device=info.device)  # a file or a pretrained dir
         model.requires_grad_(False)
 
         section = split_section(cfg, args.split)
@@ -244,8 +256,9 @@ def _plain(node) -> Any:
 
 
 def default_out_dir(args: argparse.Namespace, convention: str) -> str:
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    path = os.path.normpath(os.path.abspath(args.checkpoint))  # "dir/" of a pretrained directory -> "dir"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.dirname(path)
     return os.path.join(folder, f"eval_{stem}_{args.split}_{convention}_{args.resolution}")
 
 

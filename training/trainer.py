@@ -41,7 +41,9 @@ from rsam.evaluation import Evaluator
 from rsam.evaluation.metrics import combine_metrics
 from rsam.evaluation.writers import PanelCollector
 from training.logger import ExperimentLogger, format_metrics, progress_bar, setup_logging
+from rsam.finetune import apply_finetune, finetune_config
 from training.optimizer import OptimConfig, build_optimizer
+from training.precision import make_grad_scaler, resolve_precision
 from training.preemption import PreemptionHandler
 from training.step import TrainStep
 
@@ -53,7 +55,7 @@ LOSS_KEYS = ("loss_mask", "loss_dice", "loss_iou", "loss_class", "core_loss")
 @dataclass
 class AmpConf:
     enabled: bool = True
-    dtype: str = "bfloat16"  # bfloat16 needs no GradScaler; float16 is not supported on purpose
+    dtype: str = "auto"  # auto: bfloat16 where the GPU has it, else float16 + GradScaler; float32 on CPU
 
 
 @dataclass
@@ -72,7 +74,9 @@ class TrainerConf:
     max_epochs: int = 60
     seed: int = 123
     amp: AmpConf = field(default_factory=AmpConf)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training forward; batches then have static shapes (data collate)
+    grad_accumulation: int = 1  # micro-batches per optimizer step (the step equals one over their union)
+    activation_checkpointing: Optional[str] = None  # null | trunk | all (trunk + fusion + decoder transformers)
     log_every: int = 50  # steps between loss/lr logs (and host syncs)
     val_every: int = 1  # epochs between validations (the last epoch is always validated)
     metric_convention: str = "standard"
@@ -104,9 +108,17 @@ class Trainer:
         self.opts: TrainerConf = parse_section(TrainerConf, cfg.trainer, "trainer")
         if self.opts.mode not in ("train", "val", "test"):
             raise ValueError(f"trainer.mode must be train, val or test, got {self.opts.mode!r}")
-        self.amp_dtype = getattr(torch, self.opts.amp.dtype) if self.opts.amp.enabled else None
-        if self.amp_dtype not in (None, torch.bfloat16):
-            raise ValueError(f"trainer.amp.dtype must be bfloat16 (no GradScaler here), got {self.opts.amp.dtype}")
+        if self.opts.grad_accumulation < 1:
+            raise ValueError(f"trainer.grad_accumulation must be >= 1, got {self.opts.grad_accumulation}")
+        if self.opts.activation_checkpointing not in (None, "trunk", "all"):
+            raise ValueError("trainer.activation_checkpointing must be null, trunk or all, got "
+                             f"{self.opts.activation_checkpointing!r}")
+        if self.opts.compile and not cfg.model.get("use_text_padding_mask", False):
+            raise ValueError("trainer.compile pads every expression to a fixed token length; without "
+                             "model.use_text_padding_mask the padding would take part in the fusion and change "
+                             "the results (docs/official_differences.md, B8)")
+        self.finetune = finetune_config(OmegaConf.to_container(cfg.finetune, resolve=True)
+                                        if cfg.get("finetune") is not None else None)
         self.dist = D.init_distributed(self.opts.accelerator, self.opts.dist_timeout_min)
         self.device = self.dist.device
         self.log_dir = cfg.launcher.experiment_log_dir
@@ -119,15 +131,24 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(self.opts.seed + self.dist.rank)
         self.logger = ExperimentLogger(self.log_dir, self.dist.rank)
+        self.amp_dtype, needs_scaler = resolve_precision(self.opts.amp.enabled, self.opts.amp.dtype, self.device)
+        self.grad_scaler = make_grad_scaler(self.device) if needs_scaler else None
+        self.checkpointer = Checkpointer(os.path.join(self.log_dir, "checkpoints"), self.opts.checkpoint.save_every,
+                                         trained_only=self.finetune.trained_only)
 
         # Model, loss and optimizer (built on the unwrapped model, so parameter names carry no "module.").
+        # Base weights before the finetune section: adapters rename the linears they wrap.
         self.model: nn.Module = build_rsam(cfg.model, device=self.device)
+        self._load_base_weights()
+        self.model = apply_finetune(self.model, self.finetune)
+        if self.opts.activation_checkpointing:
+            self.model.set_activation_checkpointing(trunk=True,
+                                                    transformers=self.opts.activation_checkpointing == "all")
         self.loss_fn: nn.Module = instantiate(cfg.loss).to(self.device)
         self.optim_conf: OptimConfig = parse_section(OptimConfig, cfg.optim, "optim")
         self.optim = build_optimizer(self.model, self.optim_conf, self.device)
         self._log_model_summary()
 
-        self.checkpointer = Checkpointer(os.path.join(self.log_dir, "checkpoints"), self.opts.checkpoint.save_every)
         self.progress = TrainingProgress()
         self._stop = False  # set when a stop was requested at the very end of an epoch
         self.train_loader = None
@@ -135,21 +156,23 @@ class Trainer:
         # SIGUSR2 is submitit's preemption signal; SIGTERM / SIGUSR1 the usual SLURM and manual ones.
         self.preemption = PreemptionHandler((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
         if self.opts.mode == "train":
-            self._restore_or_initialise()
+            self._restore()
         else:
             self._load_eval_weights()
 
         train_model: nn.Module = self.model
+        ddp = None
         if self.dist.world_size > 1 and self.opts.mode == "train":
             # Frozen parameters (BERT) have requires_grad=False and are ignored by DDP; every trainable
             # parameter gets a gradient every step, so no find_unused_parameters graph walk.
-            train_model = DistributedDataParallel(
+            train_model = ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False, gradient_as_bucket_view=True)
         if self.opts.compile:
-            train_model = torch.compile(train_model)
+            # static shapes (the collate pads to the expression cap and the token limit): no recompilation
+            train_model = torch.compile(train_model, dynamic=False)
         self.train_step = TrainStep(train_model, self.loss_fn, self.optim, self.optim_conf.gradient_clip,
-                                    self.amp_dtype)
+                                    self.amp_dtype, grad_scaler=self.grad_scaler, ddp=ddp)
 
     # ------------------------------------------------------------------------------------------ modes
     def run(self) -> None:
@@ -187,15 +210,17 @@ class Trainer:
         loader, progress = self.train_loader, self.progress
         loader.sampler.set_epoch(progress.epoch)  # the epoch's shuffle and augmentation seeds
         loader.sampler.set_start(0)
-        iters = len(loader)
+        iters = len(loader)  # batches; an optimizer step takes `accum` of them (the epoch's last step may take fewer)
         if iters == 0:
             raise RuntimeError("the train loader yields no batch (fewer images than one batch per rank?)")
-        total_steps = iters * self.opts.max_epochs
+        accum = self.opts.grad_accumulation
+        steps_per_epoch = math.ceil(iters / accum)
+        total_steps = steps_per_epoch * self.opts.max_epochs
         start = progress.iteration
-        if not 0 <= start < iters or progress.step != progress.epoch * iters + start:
+        if not 0 <= start < iters or start % accum or progress.step != progress.epoch * steps_per_epoch + start // accum:
             raise RuntimeError(f"step {progress.step} (iteration {start} of epoch {progress.epoch}) does not fit "
-                               f"{iters} iterations per epoch; the train batch size or dataset changed since the "
-                               "checkpoint was written")
+                               f"{iters} iterations per epoch in steps of {accum}; the train batch size, the "
+                               "gradient accumulation or the dataset changed since the checkpoint was written")
         loader.sampler.set_start(start * loader.batch_size)  # resume mid-epoch: same order, later start
 
         self.model.train()
@@ -208,13 +233,17 @@ class Trainer:
         # stream (drop path), so that a run resumed mid-epoch replays exactly the stream of an uninterrupted run.
         with torch.random.fork_rng(devices=[]):
             batches = iter(loader)
+        micro: List = []  # the micro-batches of the step being gathered
         t_fetch = time.perf_counter()
         for batch in batches:
             window.data_time += time.perf_counter() - t_fetch
-            batch = batch.to(self.device, non_blocking=True)
-            losses = self.train_step(batch, progress.step / total_steps)
-            progress.step += 1
+            micro.append(batch.to(self.device, non_blocking=True))
             progress.iteration += 1
+            if len(micro) < accum and progress.iteration < iters:
+                t_fetch = time.perf_counter()
+                continue
+            losses = self.train_step(micro, progress.step / total_steps)
+            progress.step += 1
 
             # Bookkeeping on the device only: running sums and the first non-finite step with its terms.
             terms = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
@@ -223,8 +252,10 @@ class Trainer:
             bad_terms = torch.where(first_bad, terms, bad_terms)
             sums += terms
             window.steps += 1
-            window.images += batch.num_images
-            bar.update(1)
+            window.images += sum(b.num_images for b in micro)
+            window.batches += len(micro)
+            bar.update(len(micro))
+            micro = []
 
             it = progress.iteration
             log_now = progress.step % self.opts.log_every == 0 or it == iters
@@ -274,7 +305,7 @@ class Trainer:
             rate = images * self.dist.world_size / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{values['core_loss']:.4f}", lr=f"{max(lrs.values()):.2e}",
                             img_s=f"{rate:.1f}", data=f"{data_time / max(n_steps, 1):.3f}s")
-            eta = (iters - it + (self.opts.max_epochs - epoch - 1) * iters) * elapsed / max(n_steps, 1)
+            eta = (iters - it + (self.opts.max_epochs - epoch - 1) * iters) * elapsed / max(window.batches, 1)
             LOG.info("epoch %d [%d/%d] step %d  %s  lr %.3e  %.1f img/s  data %.3fs/it  eta %s",
                      epoch, it, iters, step, format_metrics(values, list(LOSS_KEYS)),
                      max(lrs.values()), rate, data_time / max(n_steps, 1), _fmt_duration(eta))
@@ -378,7 +409,11 @@ class Trainer:
                                         f"trainer.checkpoint.eval_weights or train into {self.log_dir} first")
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"trainer.checkpoint.eval_weights: {path} does not exist")
-        LOG.info("evaluating %s", load_weights(self.model, path))
+        if self.finetune.trained_only:  # adapters and the other trained tensors, onto the base weights
+            self.checkpointer.load_model_state(self.model, path)
+            LOG.info("evaluating %s (trained tensors over the base weights of checkpoint.init)", path)
+        else:
+            LOG.info("evaluating %s", load_weights(self.model, path))
 
     def _load_best_weights(self) -> None:
         if self.checkpointer.load_best(self.model):
@@ -390,17 +425,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         """Write checkpoints/checkpoint.pt (a collective: every rank contributes its RNG state)."""
-        self.checkpointer.save(self.model, self.optim, self.progress, self._plain_config())
+        self.checkpointer.save(self.model, self.optim, self.progress, self._plain_config(), self.grad_scaler)
 
-    def _restore_or_initialise(self) -> None:
+    def _load_base_weights(self) -> None:
+        """``checkpoint.init`` (pretrained SAM 2.1 / BERT) unless a full checkpoint replaces them anyway: a run
+        with nothing to resume starts from them, and a LoRA run's checkpoints hold only what it trained."""
         ckpt = self.opts.checkpoint
-        if ckpt.resume_from:
+        if self.opts.mode == "train" and ckpt.resume_from:
             self.checkpointer.adopt(ckpt.resume_from)
-        restored = self.checkpointer.restore(self.model, self.optim)
+        replaced = self.checkpointer.has_resume() if self.opts.mode == "train" else True
+        if ckpt.init and (self.finetune.trained_only or not replaced):
+            initialise_from_pretrained(self.model, [dict(s) for s in ckpt.init])
+
+    def _restore(self) -> None:
+        restored = self.checkpointer.restore(self.model, self.optim, self.grad_scaler)
         if restored is not None:
             self.progress = restored
-        elif ckpt.init:
-            initialise_from_pretrained(self.model, [dict(s) for s in ckpt.init])
 
     def _plain_config(self) -> dict:
         return OmegaConf.to_container(self.cfg, resolve=True)
@@ -427,6 +467,7 @@ class _Window:
 
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
+    batches: int = 0
     images: int = 0
     data_time: float = 0.0
 

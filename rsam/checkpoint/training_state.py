@@ -6,8 +6,11 @@ A training checkpoint is one file holding plain data only (tensors, numbers, str
      "best": dict, "rng": [per-rank RNG states], "config": resolved config as a plain dict}
 
 ``epoch`` is the epoch in progress, ``step`` the global optimizer step (the lr / weight-decay schedules are a
-function of it, so there is no scheduler state), ``iteration`` the steps already done in ``epoch`` (the sampler
-skips them when resuming). ``best.pt`` holds the same without optimizer and RNG states.
+function of it, so there is no scheduler state), ``iteration`` the batches already done in ``epoch`` (the sampler
+skips them when resuming). ``best.pt`` holds the same without optimizer and RNG states. A float16 run adds
+``"grad_scaler"`` (the GradScaler state). A run with LoRA adapters (``trained_only``) writes only the tensors it
+trains in ``"model"`` and ``"trained_only": True``: loading it needs the base weights its config names
+(:func:`rsam.build.build_from_checkpoint` does that).
 
 :class:`Checkpointer` is the only writer; every reader goes through :func:`rsam.checkpoint.read_checkpoint`.
 """
@@ -26,6 +29,7 @@ from torch import nn
 
 from rsam import distributed
 from rsam.checkpoint.weights import CheckpointError, load_weights, read_checkpoint
+from rsam.finetune import load_trained_state_dict, trained_state_dict
 
 __all__ = ["Checkpointer", "TrainingProgress", "get_rng_state", "set_rng_state", "seed_everything",
            "RESUME_NAME", "BEST_NAME"]
@@ -101,9 +105,26 @@ class Checkpointer:
     Every method that writes is a collective: all ranks call it, rank 0 writes, all wait for the file.
     """
 
-    def __init__(self, directory: str, save_every: int = 0):
+    def __init__(self, directory: str, save_every: int = 0, trained_only: bool = False):
         self.directory = directory
         self.save_every = int(save_every)
+        self.trained_only = bool(trained_only)  # write only the parameters with requires_grad (LoRA runs)
+
+    def _model_state(self, model: nn.Module) -> Dict[str, Any]:
+        if self.trained_only:
+            return {"model": trained_state_dict(model), "trained_only": True}
+        return {"model": model.state_dict()}
+
+    def load_model_state(self, model: nn.Module, path: str) -> Any:
+        ckpt = read_checkpoint(path)
+        if bool(ckpt.extra.get("trained_only")) != self.trained_only:
+            raise CheckpointError(f"{path}: written {'with' if ckpt.extra.get('trained_only') else 'without'} "
+                                  "LoRA adapters (trained_only), but this run's finetune config says otherwise")
+        if self.trained_only:
+            load_trained_state_dict(model, ckpt.state_dict, path)
+        else:
+            model.load_state_dict(ckpt.state_dict)
+        return ckpt
 
     @property
     def resume_file(self) -> str:
@@ -117,14 +138,16 @@ class Checkpointer:
         return os.path.isfile(self.resume_file)
 
     # ------------------------------------------------------------------------------------------ writing
-    def save(self, model: nn.Module, optimizer, progress: TrainingProgress, config: Mapping) -> None:
+    def save(self, model: nn.Module, optimizer, progress: TrainingProgress, config: Mapping,
+             grad_scaler=None) -> None:
         """Write the resume checkpoint; every rank contributes its RNG states."""
         rng = distributed.all_gather_object(get_rng_state())
         if distributed.rank() == 0:
+            extra = {"grad_scaler": grad_scaler.state_dict()} if grad_scaler is not None else {}
             save_atomically(self.resume_file, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
+                **self._model_state(model), "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
                 "step": progress.step, "iteration": progress.iteration, "best": progress.best, "rng": rng,
-                "config": dict(config)})
+                "config": dict(config), **extra})
             if self.save_every and progress.step > 0 and progress.iteration == 0 \
                     and progress.epoch % self.save_every == 0:
                 shutil.copyfile(self.resume_file, os.path.join(self.directory, f"checkpoint_{progress.epoch}.pt"))
@@ -133,7 +156,7 @@ class Checkpointer:
     def save_best(self, model: nn.Module, progress: TrainingProgress, config: Mapping) -> None:
         """Write ``best.pt``: the weights and counters of the best validation so far."""
         if distributed.rank() == 0:
-            save_atomically(self.best_file, {"model": model.state_dict(), "epoch": progress.epoch,
+            save_atomically(self.best_file, {**self._model_state(model), "epoch": progress.epoch,
                                              "step": progress.step, "iteration": progress.iteration,
                                              "best": progress.best, "config": dict(config)})
         distributed.barrier()
@@ -148,20 +171,22 @@ class Checkpointer:
         distributed.barrier()
 
     # ------------------------------------------------------------------------------------------ reading
-    def restore(self, model: nn.Module, optimizer=None) -> Optional[TrainingProgress]:
-        """Load the resume checkpoint into ``model`` (and ``optimizer``), restore this rank's RNG states.
+    def restore(self, model: nn.Module, optimizer=None, grad_scaler=None) -> Optional[TrainingProgress]:
+        """Load the resume checkpoint into ``model`` (and ``optimizer``, ``grad_scaler``), restore this rank's
+        RNG states.
 
         Returns the progress to continue from, or None when there is nothing to resume.
         """
         if not self.has_resume():
             return None
-        ckpt = read_checkpoint(self.resume_file)
+        ckpt = self.load_model_state(model, self.resume_file)
         progress = training_progress(ckpt.extra, self.resume_file)
-        model.load_state_dict(ckpt.state_dict)
         if optimizer is not None:
             if "optimizer" not in ckpt.extra:
                 raise CheckpointError(f"{self.resume_file}: has no optimizer state to resume training from")
             optimizer.load_state_dict(ckpt.extra["optimizer"])
+        if grad_scaler is not None and "grad_scaler" in ckpt.extra:
+            grad_scaler.load_state_dict(ckpt.extra["grad_scaler"])
         rng: List[dict] = list(ckpt.extra.get("rng") or [])
         world = distributed.world_size()
         if len(rng) == world:
@@ -176,7 +201,7 @@ class Checkpointer:
         """Load ``best.pt`` into ``model``; False when there is none (no validation ran)."""
         if not os.path.isfile(self.best_file):
             return False
-        model.load_state_dict(read_checkpoint(self.best_file).state_dict)
+        self.load_model_state(model, self.best_file)
         return True
 
 

@@ -26,6 +26,9 @@ class Batch:
       orig_sizes     (B,2) long, (h, w) of each image before resizing
       categories     N category names
       sample_ids     N (image name, annotation index) pairs; negatives use index -1 - k
+      expr_valid     (N,) bool or None: False on the padding rows of a static-shape batch (``Collator``
+                     with ``static_shapes``); None when every row is a real expression
+      num_valid      the number of real expressions (a host int, filled in from ``expr_valid``)
     """
 
     images: torch.Tensor
@@ -37,6 +40,8 @@ class Batch:
     orig_sizes: torch.Tensor
     categories: List[str]
     sample_ids: List[Tuple[str, int]]
+    expr_valid: Optional[torch.Tensor] = None
+    num_valid: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Shapes always (metadata only); expression indices only while on the CPU, where reading them costs no
@@ -44,8 +49,8 @@ class Batch:
         b, n = self.images.shape[0], self.input_ids.shape[0]
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
             raise ValueError(f"Batch.images must be uint8 (B,3,R,R), got {self.images.dtype} {tuple(self.images.shape)}")
-        for name in ("masks", "expr_to_image", "attention_mask", "is_negative"):
-            if getattr(self, name).shape[0] != n:
+        for name in ("masks", "expr_to_image", "attention_mask", "is_negative", "expr_valid"):
+            if getattr(self, name) is not None and getattr(self, name).shape[0] != n:
                 raise ValueError(f"Batch.{name} has {getattr(self, name).shape[0]} rows for {n} expressions")
         if len(self.categories) != n or len(self.sample_ids) != n:
             raise ValueError(f"Batch: {len(self.categories)} categories and {len(self.sample_ids)} sample ids for "
@@ -54,6 +59,10 @@ class Batch:
             lo, hi = int(self.expr_to_image.min()), int(self.expr_to_image.max())
             if lo < 0 or hi >= b:
                 raise ValueError(f"Batch.expr_to_image must index the {b} images, got values {lo}..{hi}")
+        if self.num_valid is None:
+            if self.expr_valid is not None and self.expr_valid.device.type != "cpu":
+                raise ValueError("Batch: num_valid must be given with a device-resident expr_valid")
+            self.num_valid = n if self.expr_valid is None else int(self.expr_valid.sum())
 
     @property
     def num_images(self) -> int:
@@ -142,6 +151,10 @@ class Collator:
         max_expressions_per_batch: cap on N (official: 24 for training, none for evaluation).
         seed: seeds the subsampling together with the epoch and the image names, so a batch is reproducible
             whichever worker collates it.
+        static_shapes: pad every batch to exactly ``max_expressions_per_batch`` expressions and the tokenizer's
+            ``max_tokens`` tokens (for ``torch.compile`` without recompilation). Padding rows repeat the batch's
+            first expression and are marked in ``Batch.expr_valid`` (the loss ignores them); padding tokens have
+            attention mask 0. Needs the tokenizer's ``standard`` mode (the one that truncates).
 
     ``None`` samples (images skipped with ``skip_bad_samples``) are dropped; a batch with no sample left gives
     ``None``. Inside a dataloader worker the image and mask tensors are written straight into shared memory
@@ -153,12 +166,20 @@ class Collator:
         tokenizer,
         max_expressions_per_batch: Optional[int] = None,
         seed: int = 0,
+        static_shapes: bool = False,
     ):
         if max_expressions_per_batch is not None and max_expressions_per_batch < 1:
             raise ValueError(f"max_expressions_per_batch must be >= 1 or None, got {max_expressions_per_batch}")
+        if static_shapes:
+            if max_expressions_per_batch is None:
+                raise ValueError("Collator: static_shapes needs max_expressions_per_batch (the padded N)")
+            if getattr(tokenizer, "mode", "standard") != "standard" or not hasattr(tokenizer, "max_tokens"):
+                raise ValueError("Collator: static_shapes needs a tokenizer in 'standard' mode (it truncates to "
+                                 "max_tokens; 'official' mode has no length bound)")
         self.tokenizer = tokenizer
         self.max_expressions_per_batch = max_expressions_per_batch
         self.seed = int(seed)
+        self.static_shapes = bool(static_shapes)
 
     def __call__(self, samples: Sequence[Optional[ImageSample]]) -> Optional[Batch]:
         samples = [s for s in samples if s is not None]
@@ -183,8 +204,21 @@ class Collator:
         input_ids, attention_mask = self.tokenizer(texts)
         images = _empty((len(samples), *samples[0].image.shape), torch.uint8)
         torch.stack([s.image for s in samples], out=images)
-        masks_out = _empty((len(texts), *samples[0].masks.shape[1:]), torch.bool)
-        torch.cat([m.bool() for m in masks], out=masks_out)
+        n_real = len(texts)
+        pad = self.max_expressions_per_batch - n_real if self.static_shapes else 0
+        masks_out = _empty((n_real + pad, *samples[0].masks.shape[1:]), torch.bool)
+        torch.cat([m.bool() for m in masks] + [masks[0][:1].bool().expand(pad, -1, -1)], out=masks_out)
+        expr_valid = None
+        if self.static_shapes:
+            input_ids, attention_mask = _pad_tokens(input_ids, attention_mask, self.tokenizer.max_tokens,
+                                                    self.tokenizer.pad_id)
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(pad, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(pad, -1)])
+            expr_to_image += [0] * pad
+            negative += [negative[0]] * pad
+            categories += [categories[0]] * pad
+            sample_ids += [sample_ids[0]] * pad
+            expr_valid = torch.arange(n_real + pad) < n_real
         return Batch(
             images=images,
             masks=masks_out,
@@ -195,7 +229,18 @@ class Collator:
             orig_sizes=torch.tensor([list(s.orig_size) for s in samples], dtype=torch.long),
             categories=categories,
             sample_ids=sample_ids,
+            expr_valid=expr_valid,
         )
+
+
+def _pad_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+                pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (N, L) token ids and mask to (N, length)."""
+    extra = length - input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"Collator: {input_ids.shape[1]} tokens exceed the static length {length}")
+    return (torch.nn.functional.pad(input_ids, (0, extra), value=pad_id),
+            torch.nn.functional.pad(attention_mask, (0, extra), value=0))
 
 
 def _empty(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

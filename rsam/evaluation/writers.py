@@ -63,7 +63,8 @@ class PredictionWriter:
 
 
 class VisualWriter:
-    """Callback writing the first ``k`` expressions it sees as a TP/FP/FN error picture and a prediction overlay.
+    """Callback writing the first ``k`` expressions it sees as a TP/FP/FN error picture (over a grey copy of the
+    image) and an overlay of the prediction and ground-truth outlines, each beside the colour input.
 
     ``image_loader(name) -> uint8 (H, W, 3)`` gives the original image; it is resized to the scoring resolution
     (the network input's size, or kept at the original size).
@@ -90,12 +91,14 @@ class VisualWriter:
         detail = (f"IoU {e.iou:.3f} | predicted IoU {e.iou_pred:.3f} | object score {e.object_score:+.2f} ({status})"
                   + (" | no-target expression" if e.is_negative else ""))
         text = e.text if e.text is not None else f"{e.sample_id}"
-        draw_errors(image, e.pred.numpy(), e.gt.numpy(), text=f'"{text}"', detail=detail).save(
+        # the colour input beside each picture; errors over a grey copy, masks as outlines (visualization.py)
+        draw_errors(image, e.pred.numpy(), e.gt.numpy(), text=f'"{text}"', detail=detail, side_by_side=True).save(
             os.path.join(self.out_dir, f"{stem}_errors.png"))
         draw_masks(image, [e.pred.numpy(), e.gt.numpy()],
                    [Caption(f'prediction: "{text}"', (255, 48, 48), detail),
                     Caption("ground truth", (40, 220, 60))],
-                   title=f"{e.sample_id[0]} ({e.category})").save(os.path.join(self.out_dir, f"{stem}_overlay.png"))
+                   title=f"{e.sample_id[0]} ({e.category})", style="outline", side_by_side=True).save(
+                       os.path.join(self.out_dir, f"{stem}_overlay.png"))
         self.written += 1
 
 

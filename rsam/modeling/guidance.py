@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
+from rsam.modeling.activation_checkpointing import run_block
 from rsam.modeling.sam.common import MLP
 from rsam.modeling.sam.transformer import Attention
 
@@ -95,6 +96,7 @@ class TwoWayGuidanceTransformer(nn.Module):
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self.activation_checkpointing = False  # recompute each layer in backward
 
     def forward(
         self,
@@ -121,7 +123,8 @@ class TwoWayGuidanceTransformer(nn.Module):
         image = image.flatten(2).transpose(1, 2)
         image_pe = image_pe.flatten(2).transpose(1, 2)
         for layer in self.layers:
-            text, image = layer(text, image, text_pe, image_pe, text_padding_mask)
+            text, image = run_block(layer, text, image, text_pe, image_pe, text_padding_mask,
+                                    enabled=self.activation_checkpointing)
         out = self.final_attn_token_to_image(text, image + image_pe, image)
         text = self.norm_final_attn(text + out)
         return text, image.transpose(1, 2).reshape(n, c, h, w)

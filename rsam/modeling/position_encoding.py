@@ -74,6 +74,10 @@ class PositionEmbeddingSine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, *, H, W) feature map (only its size, device and dtype are used) -> (B, C, H, W)."""
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+        if torch.compiler.is_compiling():
+            # traced: the encoding becomes part of the graph (shapes are static); a cache lookup would guard on
+            # the dict's contents and recompile once it fills
+            return self._encode(height, width, x.device).to(x.dtype)[None].expand(batch, -1, -1, -1)
         key = (height, width, x.device, x.dtype)
         pos = self._cache.get(key)
         if pos is None:

@@ -185,6 +185,13 @@ class RSAM(nn.Module):
     def device(self) -> torch.device:
         return self.text_proj.weight.device
 
+    def set_activation_checkpointing(self, trunk: bool = True, transformers: bool = False) -> None:
+        """Recompute activations in the backward pass instead of keeping them: of every Hiera block (``trunk``),
+        and of every guidance / mask-decoder transformer layer (``transformers``). Same results, less memory."""
+        self.image_encoder.trunk.activation_checkpointing = bool(trunk)
+        self.description_transformer.activation_checkpointing = bool(transformers)
+        self.sam_mask_decoder.transformer.activation_checkpointing = bool(transformers)
+
     # ------------------------------------------------------------------------------------------------
     # forward pieces
 

@@ -21,51 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsam.modeling.activation_checkpointing import run_block
 from rsam.modeling.sam.common import MLP
 
-__all__ = ["Hiera", "HIERA_PRESETS", "hiera_from_preset", "MultiScaleBlock", "MultiScaleAttention", "hiera_channel_list"]
-
-
-# Published SAM 2.1 trunk hyper-parameters (sam2.1_hiera_{t,s,b+,l}.yaml + the class defaults they rely on).
-# `backbone_channel_list` is what the FPN neck needs: stage widths, coarsest first.
-HIERA_PRESETS: dict[str, dict] = {
-    "hiera_t": dict(
-        embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
-        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 14, 7),
-        backbone_channel_list=(768, 384, 192, 96),
-    ),
-    "hiera_s": dict(
-        embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
-        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 14, 7),
-        backbone_channel_list=(768, 384, 192, 96),
-    ),
-    "hiera_b+": dict(
-        embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), global_att_blocks=(12, 16, 20),
-        window_pos_embed_bkg_spatial_size=(14, 14), window_spec=(8, 4, 14, 7),
-        backbone_channel_list=(896, 448, 224, 112),
-    ),
-    "hiera_l": dict(
-        embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
-        window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 16, 8),
-        backbone_channel_list=(1152, 576, 288, 144),
-    ),
-}
-
-
-def hiera_from_preset(name: str, **overrides) -> "Hiera":
-    """``Hiera(**HIERA_PRESETS[name], **overrides)``; the preset's ``backbone_channel_list`` is for the neck."""
-    if name not in HIERA_PRESETS:
-        raise KeyError(f"unknown Hiera preset {name!r}; available: {sorted(HIERA_PRESETS)}")
-    kwargs = {k: v for k, v in HIERA_PRESETS[name].items() if k != "backbone_channel_list"}
-    return Hiera(**{**kwargs, **overrides})
-
-
-def hiera_channel_list(embed_dim: int, num_stages: int = 4, dim_mul: float = 2.0) -> list[int]:
-    """Stage widths coarsest first, e.g. 112 -> [896, 448, 224, 112] (the FPN's backbone_channel_list)."""
-    dims = [embed_dim]
-    for _ in range(num_stages - 1):
-        dims.append(int(dims[-1] * dim_mul))
-    return dims[::-1]
+__all__ = ["Hiera", "MultiScaleBlock", "MultiScaleAttention"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -280,6 +239,7 @@ class Hiera(nn.Module):
 
         ends = self.stage_ends if return_interm_layers else self.stage_ends[-1:]
         self.channel_list = [self.blocks[i].dim_out for i in ends[::-1]]  # coarsest first, as the FPN wants
+        self.activation_checkpointing = False  # recompute each block in backward (rsam.modeling.activation_checkpointing)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -320,7 +280,7 @@ class Hiera(nn.Module):
         outputs = []
         last = self.stage_ends[-1]
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = run_block(block, x, enabled=self.activation_checkpointing)
             if i == last or (self.return_interm_layers and i in self.stage_ends):
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsam.modeling.activation_checkpointing import run_block
 from rsam.modeling.sam.common import MLP
 
 __all__ = ["Attention", "TwoWayAttentionBlock", "TwoWayTransformer"]
@@ -149,6 +150,7 @@ class TwoWayTransformer(nn.Module):
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self.activation_checkpointing = False  # recompute each layer in backward
 
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
@@ -166,7 +168,8 @@ class TwoWayTransformer(nn.Module):
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=key_pe)
+            queries, keys = run_block(layer, queries, keys, query_pe=point_embedding, key_pe=key_pe,
+                                      enabled=self.activation_checkpointing)
         q = queries + point_embedding
         k = keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
