@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.activation_checkpointing=null")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.config):
+        print(f"estimate_memory: config not found: {args.config}", file=sys.stderr)
+        return 2
     print(json.dumps(estimate(args.config, args.overrides, args.images, args.expressions, args.tokens)))
     return 0
 
