@@ -309,3 +309,41 @@ def test_one_bit_and_palette_masks(tmp_path, written):
     for m in masks[:2]:
         if m.name in ds.names:
             assert ds.read_original(ds.names.index(m.name))["masks"].any()
+
+
+@pytest.mark.parametrize("kind", ["rgb", "grey", "rgba", "palette", "rgb16"])
+def test_png_images_decode_to_the_same_pixels_as_pil(tmp_path, written, kind):
+    """Whatever the PNG mode, the training sample and the original image hold exactly the RGB pixels PIL reads
+    (grey replicated, alpha dropped, palette expanded): a guard for any change of decoder."""
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["risbench"][0], root)
+    path = sorted((root / "img_rgb").iterdir())[0]
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    if kind == "grey":
+        Image.fromarray(rgb).convert("L").save(path)
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(path)
+    elif kind == "palette":
+        Image.fromarray(rgb).convert("P").save(path)
+    elif kind == "rgb16":  # PIL writes 16-bit RGB only from raw bytes: big-endian samples, high byte = the 8 bits
+        data = (rgb.astype(">u2") * 257).tobytes()
+        Image.frombytes("RGB", rgb.shape[1::-1], data, "raw", "RGB;16B").save(path)
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    ds = ReferringDataset(str(root), "train", training=False, resolution=SIZE, format="risbench")
+    index = ds.names.index(path.name)
+    np.testing.assert_array_equal(ds.read_original(index)["image"], expected)
+    np.testing.assert_array_equal(ds[index].image.permute(1, 2, 0).numpy(), expected)
+
+
+def test_truncated_png_is_a_data_error_naming_the_file(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["risbench"][0], root)
+    path = sorted((root / "img_rgb").iterdir())[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    ds = ReferringDataset(str(root), "train", training=False, resolution=SIZE, format="risbench")
+    with pytest.raises(DataError, match=path.name):
+        ds.read_original(ds.names.index(path.name))

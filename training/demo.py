@@ -11,7 +11,7 @@ Steps, each with the project's own tools (the same ones the 800 px recipe uses):
 2. a WordPiece vocabulary trained on the training expressions with Hugging Face ``tokenizers``, saved as a
    BERT tokenizer folder ``<out>/text_encoder`` (``vocab.txt``, ``tokenizer_config.json``, ``config.json`` of
    the small random BERT the model builds);
-3. ``training/train.py -c configs/rsam_demo_cpu.yaml --num-gpus 0``: RSAM from scratch (96 px, 6-block Hiera,
+3. ``training/train.py -c configs/rsam_demo_cpu.yaml --num-gpus 0``: RSAM from scratch (128 px, 6-block Hiera,
    2-layer BERT), checkpoints in ``<out>/run/checkpoints``;
 4. ``training/eval.py`` on the test split -> ``<out>/eval/metrics.json`` and error pictures in ``<out>/eval/vis``;
 5. the text-shuffled control: the same checkpoint evaluated on the test split with every expression moved to
@@ -209,8 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--min-objects", type=int, default=3)
     p.add_argument("--max-objects", type=int, default=4)
-    p.add_argument("--min-object-frac", type=float, default=0.18, help="smallest object extent / image side")
-    p.add_argument("--max-object-frac", type=float, default=0.32, help="largest object extent / image side")
+    p.add_argument("--min-object-frac", type=float, default=0.25, help="smallest object extent / image side")
+    p.add_argument("--max-object-frac", type=float, default=0.42, help="largest object extent / image side")
     p.add_argument("--overlays", type=int, default=6, help="test images drawn with their predictions")
     p.add_argument("--save-vis", type=int, default=8, help="error pictures written by training/eval.py")
     p.add_argument("--no-control", action="store_true", help="skip the text-shuffled evaluation")
