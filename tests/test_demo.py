@@ -1,6 +1,6 @@
 """The offline demo (training/demo.py, configs/rsam_demo_cpu.yaml) end to end, very shortened.
 
-The full demo (`make demo`: 1500 images at 128 px, 10 epochs, test mIoU ~0.68) takes minutes and is not part
+The full demo (`make demo`: 1500 images at 128 px, 10 epochs, test mIoU ~0.67) takes minutes and is not part
 of the suite; here the same script runs the same tools on 30 images at 64 px for one epoch: dataset generation,
 WordPiece vocabulary, training/train.py (same trainer and checkpoint format as the 800 px recipe),
 training/eval.py, the text-shuffled evaluation and the overlays.
