@@ -40,6 +40,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from rsam.json_files import read_json_object
+
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "VOCAB_NAME", "CARD_NAME", "FORMAT_VERSION", "PretrainedError",
            "save_pretrained", "load_pretrained", "read_pretrained", "is_pretrained_dir", "resolve_pretrained",
            "read_model_source", "push_to_hub", "looks_like_repo_id"]
@@ -189,12 +191,9 @@ def save_pretrained(
 
 def _read_config_json(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PretrainedError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise PretrainedError(f"{path}: must hold a JSON object, got {type(record).__name__}")
-    return record
+        return read_json_object(path)
+    except ValueError as exc:
+        raise PretrainedError(str(exc)) from None
 
 
 def is_pretrained_dir(path: Any) -> bool:

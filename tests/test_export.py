@@ -133,7 +133,7 @@ def test_export_usage_errors(tmp_path, capsys):
           "m.json: file not found")
     (tmp_path / "m.json").write_text("[1, 2]")
     fails(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")],
-          "expected a JSON object")
+          "m.json: must hold a JSON object, got list")
     (tmp_path / "file").write_text("x")
     fails(["--checkpoint", str(ckpt), "--out", str(tmp_path / "file")], "is a file")
     fails(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "x=1"], "overrides need --config")

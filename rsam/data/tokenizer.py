@@ -13,7 +13,6 @@ The word pieces come from a ``transformers`` fast BERT tokenizer (Rust ``tokeniz
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from iopath.common.file_io import g_pathmgr
+
+from rsam.json_files import read_json_object
 
 MODES = ("official", "standard")
 
@@ -69,13 +70,7 @@ def load_bert_tokenizer(path: str):
         lower_case = True
         config_path = os.path.join(local, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            try:
-                with open(config_path, "r", encoding="utf-8") as f:
-                    config = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
+            config = read_json_object(config_path)
             lower_case = bool(config.get("do_lower_case", True))
         vocab_file = os.path.join(local, "vocab.txt")
         if os.path.isfile(vocab_file):

@@ -9,12 +9,13 @@ config and the checkpoint loader (``rsam.build``) fills it from a local file.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Union
 
 from torch import nn
 from transformers import BertConfig, BertModel
+
+from rsam.json_files import read_json_object
 
 __all__ = ["build_bert", "freeze_module", "read_bert_config"]
 
@@ -48,14 +49,7 @@ def read_bert_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"BERT config {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: must hold a JSON object, got {type(values).__name__}")
-    return values
+    return read_json_object(path)
 
 
 def freeze_module(module: nn.Module) -> nn.Module:

@@ -17,11 +17,12 @@ Exit status: 0 on success, 2 for bad input (a one-line message names the file or
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Optional, Sequence
+
+from rsam.json_files import read_json_object
 
 __all__ = ["main", "export"]
 
@@ -53,12 +54,9 @@ def _read_metrics(path: str) -> dict:
     if not os.path.isfile(path):
         raise ExportError(f"--metrics {path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"--metrics {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"--metrics {path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
+    except ValueError as exc:
+        raise ExportError(f"--metrics {exc}") from None
     from rsam.model_card import normalise_metrics
 
     if not normalise_metrics(data)[0]:
