@@ -20,7 +20,7 @@ import torch
 from rsam.predictor import RSAMPredictor
 from rsam.pretrained import CARD_NAME, CONFIG_NAME, read_pretrained
 from rsam.tools.export import main
-from tiny_rsam_setup import REPO, TINY_CONFIG, make_checkpoint, tiny_config, write_vocab
+from tiny_rsam_setup import REPO, TINY_CONFIG, make_checkpoint, tiny_checkpoint, tiny_config, write_vocab
 
 TEXTS = ["the red ship", "a vehicle at the top left"]
 
@@ -127,8 +127,7 @@ def test_export_usage_errors(tmp_path, capsys):
         assert expected in err and "Traceback" not in err, err
 
     fails(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], "checkpoint not found")
-    vocab = write_vocab(tmp_path / "vocab.txt")
-    ckpt = make_checkpoint(tmp_path / "c.pt", tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"]))
+    _, _, ckpt = tiny_checkpoint(tmp_path, "c.pt")
     fails(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")],
           "m.json: file not found")
     (tmp_path / "m.json").write_text("[1, 2]")
@@ -148,8 +147,7 @@ def test_export_push_to_hub(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploaded.update(created=repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploaded.update(
         files=sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir()), **kw) or "ok")
-    vocab = write_vocab(tmp_path / "vocab.txt")
-    ckpt = make_checkpoint(tmp_path / "c.pt", tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"]))
+    _, _, ckpt = tiny_checkpoint(tmp_path, "c.pt")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "d"), "--push-to-hub", "user/rsam-x"]) == 0
     assert uploaded["created"] == "user/rsam-x" and uploaded["repo_id"] == "user/rsam-x"
     assert uploaded["files"] == sorted(["README.md", "config.json", "model.safetensors", "vocab.txt"])
@@ -164,8 +162,7 @@ def test_export_push_to_hub(tmp_path, monkeypatch, capsys):
 
 
 def test_export_as_a_script(tmp_path):
-    vocab = write_vocab(tmp_path / "vocab.txt")
-    ckpt = make_checkpoint(tmp_path / "c.pt", tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"]))
+    _, _, ckpt = tiny_checkpoint(tmp_path, "c.pt")
     proc = subprocess.run([sys.executable, "-m", "rsam.tools.export", "--checkpoint", str(ckpt), "--out",
                            str(tmp_path / "d")], capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from rsam.tools.predict import JSONL, main
 from rsam.tools.predict_inputs import read_image, to_rgb8
-from tiny_rsam_setup import REPO, TINY_CONFIG, make_checkpoint, tiny_config, write_vocab
+from tiny_rsam_setup import REPO, TINY_CONFIG, tiny_checkpoint
 
 TEXTS = ["the red ship", "the largest white building at the top left"]
 SIZES = [(45, 75), (64, 64), (30, 90), (80, 50), (33, 33), (70, 40), (50, 100), (64, 48), (40, 60), (90, 70)]
@@ -33,9 +33,7 @@ SIZES = [(45, 75), (64, 64), (30, 90), (80, 50), (33, 33), (70, 40), (50, 100), 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict_cli")
-    vocab = write_vocab(tmp / "vocab.txt")
-    config = tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"])
-    ckpt = make_checkpoint(tmp / "tiny.pt", config, object_bias=4.0)
+    vocab, config, ckpt = tiny_checkpoint(tmp)
     rng = np.random.default_rng(0)
     folder = tmp / "images"
     folder.mkdir()

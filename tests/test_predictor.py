@@ -20,7 +20,7 @@ from rsam.data.transforms import EvalTransform
 from rsam.build import ConfigMismatchError
 from rsam.data.images import ImageInputError, load_image
 from rsam.predictor import RSAMPredictor
-from tiny_rsam_setup import make_checkpoint, tiny_config, write_vocab
+from tiny_rsam_setup import make_checkpoint, tiny_checkpoint
 
 TEXTS = ["the red ship", "the largest white building at the top left", "a vehicle"]
 
@@ -28,9 +28,7 @@ TEXTS = ["the red ship", "the largest white building at the top left", "a vehicl
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predictor")
-    vocab = write_vocab(tmp / "vocab.txt")
-    config = tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"])
-    ckpt = make_checkpoint(tmp / "tiny.pt", config, object_bias=4.0)
+    vocab, config, ckpt = tiny_checkpoint(tmp)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(45, 75, 3), dtype=np.uint8)  # H=45, W=75: non-square, not 64
     return {"tmp": tmp, "vocab": vocab, "config": config, "ckpt": ckpt, "image": image}

@@ -29,7 +29,7 @@ from rsam.build import ConfigMismatchError, build_from_checkpoint
 from rsam.predictor import RSAMPredictor
 from rsam.pretrained import (CARD_NAME, CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, PretrainedError, is_pretrained_dir,
                              load_pretrained, looks_like_repo_id, push_to_hub, read_pretrained, save_pretrained)
-from tiny_rsam_setup import REPO, make_checkpoint, tiny_config, write_vocab
+from tiny_rsam_setup import REPO, tiny_checkpoint
 
 TEXTS = ["the red ship", "the largest white building at the top left"]
 FILES = {CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME, CARD_NAME}
@@ -38,9 +38,7 @@ FILES = {CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME, CARD_NAME}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrained")
-    vocab = write_vocab(tmp / "vocab.txt")
-    config = tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"])
-    ckpt = make_checkpoint(tmp / "tiny.pt", config, object_bias=4.0)
+    vocab, config, ckpt = tiny_checkpoint(tmp)
     predictor = RSAMPredictor.from_checkpoint(ckpt, device="cpu")
     directory = predictor.save_pretrained(tmp / "rsam-tiny", metrics={"mIoU": 0.5123, "oIoU": 0.6},
                                           card={"name": "RSAM tiny", "data": "Synthetic scenes."})

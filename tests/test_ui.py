@@ -30,7 +30,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from rsam.predictor import RSAMPredictor
 from rsam.tools import ui
-from tiny_rsam_setup import make_checkpoint, tiny_config, write_vocab
+from tiny_rsam_setup import tiny_checkpoint
 
 TEXTS = "the red ship\nthe largest white building"
 SCREENSHOT_COPY = "/tmp/rsam_ui_screenshot.png"
@@ -39,9 +39,7 @@ SCREENSHOT_COPY = "/tmp/rsam_ui_screenshot.png"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    vocab = write_vocab(tmp / "vocab.txt")
-    config = tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"])
-    ckpt = make_checkpoint(tmp / "tiny.pt", config, object_bias=4.0)
+    _, _, ckpt = tiny_checkpoint(tmp)
     return {"tmp": tmp, "ckpt": ckpt}
 
 

@@ -1,9 +1,9 @@
-"""Shared set-up of test_eval.py and test_predictor.py: a tiny random RSAM checkpoint in our format, a word
+"""Shared set-up of the tests that need a model: a tiny random RSAM checkpoint in our format, a word
 vocabulary for the tokenizer and a small synthetic RISORS split (everything written under a tmp folder)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -49,3 +49,11 @@ def make_checkpoint(path: Path, config: dict, object_bias: float = 4.0, mask_sca
     torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 1, "step": 10, "best": {}, "rng": [],
                 "config": config}, path)
     return path
+
+
+def tiny_checkpoint(folder: Path, name: str = "tiny.pt") -> Tuple[Path, dict, Path]:
+    """The usual trio under ``folder``: vocab.txt, the 64 px tiny config reading it, and its random checkpoint
+    ``name`` (default head offsets) -> (vocab, config, checkpoint)."""
+    vocab = write_vocab(folder / "vocab.txt")
+    config = tiny_config(["scratch.resolution=64", f"scratch.vocab={vocab}"])
+    return vocab, config, make_checkpoint(folder / name, config)
