@@ -139,26 +139,6 @@ class _Usage(Exception):
     """A usage error: message printed as one line, exit status 2."""
 
 
-def _device(text: Optional[str]):
-    import torch
-
-    if text is None:
-        return None
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise _Usage(f"--device {text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _Usage(f"--device {text}: no CUDA GPU is available on this machine (torch.cuda.is_available() is "
-                         "False); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _Usage(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise _Usage(f"--device {text}: MPS is not available on this machine; use --device cpu")
-    return device
-
-
 def _unique_stems(paths: Sequence[str]) -> List[str]:
     """Output file prefixes: the file name without extension, ``-2``, ``-3`` ... where two images share it."""
     seen: Dict[str, int] = {}
@@ -176,8 +156,9 @@ def _load_predictor(args: argparse.Namespace):
 
     from rsam.checkpoint import CheckpointError
     from rsam.predictor import RSAMPredictor
+    from rsam.tools.predict_inputs import parse_device
 
-    device = _device(args.device)
+    device = None if args.device is None else parse_device(args.device)
     try:
         return RSAMPredictor.load(args.checkpoint, config=args.config, device=device, revision=args.revision,
                                   vocab=args.vocab, overrides=args.overrides, mask_threshold=args.threshold)

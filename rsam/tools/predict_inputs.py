@@ -38,7 +38,7 @@ import numpy as np
 
 from rsam.data.images import ImageInputError, _pil_bit_depth, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "UsageError", "LoadedImage", "TextTable", "collect_inputs", "read_texts_file",
+__all__ = ["IMAGE_EXTENSIONS", "UsageError", "parse_device", "LoadedImage", "TextTable", "collect_inputs", "read_texts_file",
            "parse_bands", "parse_stretch", "read_image", "to_rgb8", "write_geotiff_mask", "have_rasterio"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -48,6 +48,28 @@ _MAX_STRETCH_SAMPLES = 1_000_000
 
 class UsageError(ValueError):
     """A problem with the command line or a file it names as a whole (exit status 2)."""
+
+
+def parse_device(text: str):
+    """``--device`` -> ``torch.device``; a usage error for a malformed name, a device type other than cpu / cuda /
+    mps, or a device this machine does not have (checked now, before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA GPU is available on this machine (torch.cuda.is_available() "
+                             "is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {text}: use cpu, cuda, cuda:N or mps")
+    return device
 
 
 # ------------------------------------------------------------------------------------------------------------

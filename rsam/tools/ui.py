@@ -57,22 +57,14 @@ _Usage = UsageError
 def _device(text: Optional[str]):
     import torch
 
+    from rsam.tools.predict_inputs import UsageError as InputUsageError, parse_device
+
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise _Usage(f"--device {text!r} is not a device (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _Usage(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _Usage(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise _Usage(f"--device {text}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise _Usage(f"--device {text}: use cpu, cuda or cuda:N")
-    return device
+        return parse_device(text)
+    except InputUsageError as exc:
+        raise _Usage(str(exc)) from None
 
 
 def _is_pretrained_dir(path: str) -> bool:
