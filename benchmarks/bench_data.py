@@ -1,10 +1,11 @@
 """Data-pipeline throughput per dataloader worker on 800 px samples of any dataset format.
 
     python benchmarks/bench_data.py [--format rrsisd] [--num-images 48] [--resolution 800] [--iters 96]
+    python benchmarks/bench_data.py --data-root DIR --format risbench [--split train]  # time your own data
     python benchmarks/bench_data.py --open-expressions 20000 [--format rrsisd]   # time to open a large dataset
 
 Generates a temporary synthetic dataset at 800 px in the ``--format`` layout (risors, rrsisd, refsegrs,
-risbench, jsonl), then times a DataLoader
+risbench, jsonl), or reads the dataset at ``--data-root``, then times a DataLoader
 with ``--workers`` workers (default 1: the per-worker rate including the hand-over to the main process) doing the
 full per-sample work: JPEG decode, RLE decode of the selected masks, resize, black-box augmentation, negatives,
 tokenisation and collation into a Batch (uint8 images; the model normalises them). Prints one JSON line: ``samples_per_s_per_worker`` is the
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--negative-ratio", type=float, default=1.0)
     p.add_argument("--vocab", default=DEFAULT_VOCAB)
     p.add_argument("--format", default="risors", choices=("risors", "rrsisd", "refsegrs", "risbench", "jsonl"))
+    p.add_argument("--data-root", help="time this dataset (in the --format layout) instead of a synthetic one")
+    p.add_argument("--split", default="train", help="with --data-root: the split to read")
     p.add_argument("--open-expressions", type=int, default=0, metavar="N",
                    help="instead: time opening an N-expression dataset and reading its first sample, "
                         "the first time and again (with the cache)")
@@ -52,16 +55,21 @@ def main() -> None:
     if args.open_expressions:
         return time_open(args)
 
-    with tempfile.TemporaryDirectory() as root:
-        t0 = time.perf_counter()
-        generate(root, args.num_images, args.size, seed=0, val_fraction=0.0, test_fraction=0.0, format=args.format)
-        gen_s = time.perf_counter() - t0
-        dataset = ReferringDataset(root, "train", resolution=args.resolution, negative_ratio=args.negative_ratio,
+    with tempfile.TemporaryDirectory() as scratch:
+        root, split, gen_s = args.data_root, args.split, 0.0
+        if root is None:
+            t0 = time.perf_counter()
+            root, split = scratch, "train"
+            generate(root, args.num_images, args.size, seed=0, val_fraction=0.0, test_fraction=0.0,
+                     format=args.format)
+            gen_s = time.perf_counter() - t0
+        dataset = ReferringDataset(root, split, resolution=args.resolution, negative_ratio=args.negative_ratio,
                                    format=args.format)
         collate = Collator(RSAMTokenizer(args.vocab, "official"), max_expressions_per_batch=24)
 
         # (index, epoch) pairs, as the training sampler yields them; the dataset is cycled.
-        total = args.batch_size * (args.warmup_batches + -(-args.iters // args.batch_size))
+        # The timer starts when the last warm-up batch arrives: one more batch than the timed ones.
+        total = args.batch_size * (args.warmup_batches + 1 + -(-args.iters // args.batch_size))
         order = [(i % len(dataset), 0) for i in range(total)]
         loader = DataLoader(
             dataset, batch_size=args.batch_size, sampler=order, num_workers=args.workers, collate_fn=collate,
@@ -94,7 +102,8 @@ def main() -> None:
                 "load_average_1min": round(os.getloadavg()[0], 2),
                 "ms_per_sample_per_worker": round(1000 * elapsed * max(args.workers, 1) / n, 2),
                 "expressions_per_sample": round(expressions / n, 2),
-                "image_size": args.size,
+                "data_root": args.data_root,
+                "image_size": args.size if args.data_root is None else None,
                 "resolution": args.resolution,
                 "batch_size": args.batch_size,
                 "samples": n,

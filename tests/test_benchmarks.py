@@ -175,3 +175,20 @@ def test_bench_predict_smoke(capsys):
     for r in record["runs"]:
         assert r["wall_s"] > 0 and r["images_per_s"] == pytest.approx(3 / r["wall_s"], rel=1e-2)
     assert record["runs"][0]["speedup_vs_first_run"] == 1.0 and record["device"] == "cpu"
+
+
+def test_bench_data_times_a_dataset_on_disk(tmp_path):
+    """`bench_data.py --data-root` reads the user's dataset (here a small synthetic RISBench) instead of generating
+    one, and prints one JSON line counting the samples it timed."""
+    from rsam.data.synthetic import generate
+
+    generate(str(tmp_path), 6, 64, seed=0, val_fraction=0.0, test_fraction=0.0, format="risbench")
+    run = subprocess.run([sys.executable, os.path.join(BENCH, "bench_data.py"), "--format", "risbench",
+                          "--data-root", str(tmp_path), "--resolution", "64", "--iters", "8", "--batch-size", "4",
+                          "--warmup-batches", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["format"] == "risbench" and out["data_root"] == str(tmp_path) and out["samples"] == 8
+    assert out["samples_per_s_per_worker"] > 0 and out["generate_s"] == 0.0

@@ -345,6 +345,22 @@ def test_normalisation_is_owned_by_the_model():
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
 
 
+def test_preprocess_gives_one_layout_for_any_input_layout():
+    """Collated batches are channels-last views; the encoder must see the same contiguous tensor and give the
+    same output as for a contiguous batch."""
+    model = tiny_rsam().eval()
+    images, expr_to_image, ids, mask = tiny_batch()
+    channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not channels_last.is_contiguous()
+    x = model.preprocess(channels_last)
+    assert x.is_contiguous()
+    torch.testing.assert_close(x, model.preprocess(images), rtol=0, atol=0)
+    with torch.no_grad():
+        a, b = model(images, expr_to_image, ids, mask), model(channels_last, expr_to_image, ids, mask)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
+
 def test_training_forward_and_loss_have_no_host_sync():
     """On the meta device every value read back to the host (item, tolist, bool, nonzero ...) raises, so this
     fails if the model's forward, BERT's mask handling or the loss ever wait for the device."""

@@ -17,7 +17,8 @@ class Batch:
     """One collated batch.
 
     Shapes (B images, N expressions, R network resolution, L token length):
-      images         (B,3,R,R) uint8 pixels (the model normalises them)
+      images         (B,3,R,R) uint8 pixels (the model normalises them); from the collate a channels-last view
+                     of (B,R,R,3) memory (``images.permute(0, 2, 3, 1)`` is contiguous)
       masks          (N,R,R) bool, ground truth at network resolution (all-False for no-target expressions)
       expr_to_image  (N,) long, index into ``images`` of each expression
       input_ids      (N,L) long, right-padded with 0
@@ -202,8 +203,12 @@ class Collator:
                 sample_ids.append((s.name, int(s.annotation_ids[j])))
                 negative.append(bool(s.is_negative[j]))
         input_ids, attention_mask = self.tokenizer(texts)
-        images = _empty((len(samples), *samples[0].image.shape), torch.uint8)
-        torch.stack([s.image for s in samples], out=images)
+        # Pixels stay in (R,R,3) order, as decoded: the batch is a channels-last (B,3,R,R) view, so filling it is
+        # a plain memcpy per image; the model's normalisation does the reordering (on the GPU when training).
+        c, h, w = samples[0].image.shape
+        images = _empty((len(samples), h, w, c), torch.uint8).permute(0, 3, 1, 2)
+        for dst, s in zip(images, samples):
+            dst.copy_(s.image)
         n_real = len(texts)
         pad = self.max_expressions_per_batch - n_real if self.static_shapes else 0
         masks_out = _empty((n_real + pad, *samples[0].masks.shape[1:]), torch.bool)

@@ -30,8 +30,8 @@ ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 def resize_image(image: ImageLike, resolution: int) -> torch.Tensor:
     """Square bilinear (antialiased when shrinking) resize -> uint8 tensor (3,R,R).
 
-    The result is a channels-first *view* of the (R,R,3) pixel buffer: the HWC -> CHW reordering happens for free
-    inside the next copy (the collate's, or the model's normalisation), instead of in an extra pass here.
+    The result is a channels-first *view* of the (R,R,3) pixel buffer. The collate keeps that layout (a strided
+    HWC -> CHW copy costs as much as decoding the mask); the model's normalisation reorders the pixels.
     """
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:

@@ -196,8 +196,13 @@ class RSAM(nn.Module):
     # forward pieces
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (B, 3, R, R) -> normalised float (B, 3, R, R), in the dtype of the model's buffers."""
-        return images.to(self.pixel_scale.dtype).mul_(self.pixel_scale).add_(self.pixel_shift)
+        """uint8 pixels (B, 3, R, R) -> normalised float (B, 3, R, R), in the dtype of the model's buffers.
+
+        The input may have any memory layout (batches from the collate are channels-last views of (B, R, R, 3)
+        pixels); the output is always contiguous, so the image encoder sees one layout.
+        """
+        pixels = images.to(self.pixel_scale.dtype, memory_format=torch.contiguous_format)
+        return pixels.mul_(self.pixel_scale).add_(self.pixel_shift)
 
     def encode_image(self, images: torch.Tensor, normalized: bool = False) -> ImageFeatures:
         """images (B, 3, R, R) uint8 -> :class:`ImageFeatures` (run once per image).
