@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from rsam.data.batch import Collator
 from rsam.data.dataset import ReferringDataset
+from rsam.data.errors import DataError
 from rsam.data.synthetic import generate
 from rsam.data.tokenizer import RSAMTokenizer
 
@@ -63,8 +65,11 @@ def main() -> None:
             generate(root, args.num_images, args.size, seed=0, val_fraction=0.0, test_fraction=0.0,
                      format=args.format)
             gen_s = time.perf_counter() - t0
-        dataset = ReferringDataset(root, split, resolution=args.resolution, negative_ratio=args.negative_ratio,
-                                   format=args.format)
+        try:
+            dataset = ReferringDataset(root, split, resolution=args.resolution, negative_ratio=args.negative_ratio,
+                                       format=args.format)
+        except DataError as e:
+            sys.exit(f"bench_data.py: {e}")
         collate = Collator(RSAMTokenizer(args.vocab, "official"), max_expressions_per_batch=24)
 
         # (index, epoch) pairs, as the training sampler yields them; the dataset is cycled.
