@@ -241,7 +241,9 @@ class RSAMPredictor:
             owner += [b] * len(image_ids)
             texts.append([entry] if isinstance(entry, str) else list(entry))
         rgbs = [load_image(image) for image in images]
-        pixels = torch.stack([resize_image(rgb, self.model.image_size) for rgb in rgbs]).to(self.device)
+        # Stacked in (R, R, 3) order, as the collate does: a plain copy; the model's normalisation reorders.
+        hwc = torch.stack([resize_image(rgb, self.model.image_size).permute(1, 2, 0) for rgb in rgbs])
+        pixels = hwc.permute(0, 3, 1, 2).to(self.device)
         features = self.model.encode_image(pixels)  # (B, 3, R, R) uint8 -> features of B images
         outputs = self._decode_all(features, owner, ids)
         results: List[List[Prediction]] = [[] for _ in images]
