@@ -85,6 +85,24 @@ def test_one_and_two_processes_identical(setup):
     assert on_disk["metrics"] == m and on_disk["split"] == "test" and on_disk["resolution"] == "network"
 
 
+def test_ranks_leave_the_group_together_after_rank_0_wrote(setup, monkeypatch):
+    """The end of a rank's run is ordered: results written (rank 0), a barrier, then the group torn down.
+
+    A rank leaving while rank 0 still wrote once aborted that rank on exit (gloo), failing a finished run.
+    """
+    import training.eval as eval_script
+    from rsam import distributed as D
+
+    events = []
+    report = eval_script._report
+    monkeypatch.setattr(eval_script, "_report", lambda *a: events.append("report") or report(*a))
+    monkeypatch.setattr(D, "barrier", lambda: events.append("barrier"))
+    destroy = D.destroy_distributed
+    monkeypatch.setattr(D, "destroy_distributed", lambda: events.append("destroy") or destroy())
+    record = run_eval(setup, out=str(setup["tmp"] / "ordered"))
+    assert record is not None and events == ["report", "barrier", "destroy"]
+
+
 def _loader(setup, original: bool):
     from hydra.utils import instantiate
 

@@ -172,7 +172,6 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     from rsam import distributed as D
     from rsam.build import build_from_checkpoint
     from rsam.evaluation import Evaluator
-    from rsam.evaluation.metrics import format_metrics
     from rsam.evaluation.writers import PredictionWriter, VisualWriter
 
     accelerator = cfg.trainer.get("accelerator", "cuda") if cfg.get("trainer") else "cuda"
@@ -220,28 +219,40 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if writer is not None:
             writer.close(result.metrics)
         per_process = D.all_gather_object(result.local_expressions)  # shows that nothing was scored twice
-        if not info.is_main:
-            return None
-        record = {**{k: v for k, v in meta.items() if k != "dataset"},
-                  "convention_description": convention.describe(), "num_processes": info.world_size,
-                  "expressions_per_process": per_process,
-                  "seconds": result.seconds, "expressions_per_s": result.expressions_per_s,
-                  "metrics": result.metrics}
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-        size = f"{model.image_size}x{model.image_size}" if args.resolution == "network" else "original image size"
-        print(f"\n{args.checkpoint} on split '{args.split}': {result.metrics['num_expressions']} expressions, "
-              f"scored at {size}, {info.world_size} process(es), {result.seconds:.1f} s "
-              f"({result.expressions_per_s:.1f} expr/s)")
-        print(format_metrics(result.metrics, convention))
-        print(f"wrote {os.path.join(out_dir, 'metrics.json')}"
-              + (f" and {args.save_vis} pictures in {os.path.join(out_dir, 'vis')}" if args.save_vis else "")
-              + (f"; predictions in {args.save_predictions}" if args.save_predictions else ""))
+        record = _report(result, per_process, meta, convention, out_dir, model, args, info) if info.is_main else None
+        # An ordered end, as in the trainer (training/trainer.py close): every rank leaves the group together,
+        # after rank 0 has written its results. Without it rank 1 tore its gloo group down and exited while
+        # rank 0 was still writing, and once aborted on the way out ("terminate called without an active
+        # exception", test_eval.py::test_one_and_two_processes_identical in CI).
+        D.barrier()
         return record
     finally:
         torch.set_num_threads(threads_before)
         D.destroy_distributed()
+
+
+def _report(result, per_process, meta, convention, out_dir: str, model, args: argparse.Namespace,
+            info) -> Dict[str, Any]:
+    """Rank 0: write metrics.json into ``out_dir``, print the summary; returns the record."""
+    from rsam.evaluation.metrics import format_metrics
+
+    record = {**{k: v for k, v in meta.items() if k != "dataset"},
+              "convention_description": convention.describe(), "num_processes": info.world_size,
+              "expressions_per_process": per_process,
+              "seconds": result.seconds, "expressions_per_s": result.expressions_per_s,
+              "metrics": result.metrics}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    size = f"{model.image_size}x{model.image_size}" if args.resolution == "network" else "original image size"
+    print(f"\n{args.checkpoint} on split '{args.split}': {result.metrics['num_expressions']} expressions, "
+          f"scored at {size}, {info.world_size} process(es), {result.seconds:.1f} s "
+          f"({result.expressions_per_s:.1f} expr/s)")
+    print(format_metrics(result.metrics, convention))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}"
+          + (f" and {args.save_vis} pictures in {os.path.join(out_dir, 'vis')}" if args.save_vis else "")
+          + (f"; predictions in {args.save_predictions}" if args.save_predictions else ""))
+    return record
 
 
 def _config_convention(cfg) -> str:
