@@ -27,6 +27,7 @@ REQUIRES = [
     "pycocotools>=2.0.7",
     "numpy>=1.24",
     "pillow>=9.4",
+    "pyspng>=0.1.4",  # libspng: dataset PNGs decode in half of PIL's time (rsam/data/readers/pictures.py)
     "tensorboard>=2.14",
     "tqdm>=4.66",
     "safetensors>=0.4",

@@ -327,9 +327,10 @@ def test_png_images_decode_to_the_same_pixels_as_pil(tmp_path, written, kind):
         Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(path)
     elif kind == "palette":
         Image.fromarray(rgb).convert("P").save(path)
-    elif kind == "rgb16":  # PIL writes 16-bit RGB only from raw bytes: big-endian samples, high byte = the 8 bits
-        data = (rgb.astype(">u2") * 257).tobytes()
-        Image.frombytes("RGB", rgb.shape[1::-1], data, "raw", "RGB;16B").save(path)
+    elif kind == "rgb16":  # PIL saves RGB with 8 bits only: a PNG written by hand
+        from test_pictures import _png_16bit_rgb
+
+        path.write_bytes(_png_16bit_rgb(rgb))
     expected = np.asarray(Image.open(path).convert("RGB"))
     ds = ReferringDataset(str(root), "train", training=False, resolution=SIZE, format="risbench")
     index = ds.names.index(path.name)

@@ -42,6 +42,8 @@ def resize_image(image: ImageLike, resolution: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be uint8 (H,W,3), got {image.shape} {image.dtype}")
+        if image.shape[:2] == (resolution, resolution):  # a copy: black boxes are painted in place
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1)
         image = Image.fromarray(image)
     if image.mode != "RGB":
         image = image.convert("RGB")

@@ -6,18 +6,18 @@ expressions, transforms and bad-sample policy live in :class:`rsam.data.dataset.
 """
 from __future__ import annotations
 
-import io
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from iopath.common.file_io import PathManager, g_pathmgr
 from PIL import Image
 
 from rsam.data.errors import DataError
+from rsam.data.readers.pictures import EncodedPicture, decode_rgb, open_picture
 
 __all__ = ["Annotation", "Reader", "raise_error", "resize_nearest", "category_from_text", "drop_zero_area"]
 
@@ -185,27 +185,17 @@ class Reader:
         with ThreadPoolExecutor(8) as pool:
             return [m for ms in pool.map(check, names) for m in ms]
 
-    def open_image(self, name: str) -> Image.Image:
+    def open_image(self, name: str) -> EncodedPicture:
         """Open the image lazily (header only): ``.size`` is known, pixels are decoded by :meth:`decode_image`."""
         return self.open_picture(self.image_path(name), "image")
 
-    def open_picture(self, path: str, kind: str) -> Image.Image:
-        raw = self.read_bytes(path, kind)
-        try:
-            return Image.open(io.BytesIO(raw))
-        except Exception as e:  # PIL raises several types for unknown/corrupt headers
-            raise DataError(path, f"unreadable {kind} ({type(e).__name__}: {e})", "image") from None
+    def open_picture(self, path: str, kind: str) -> EncodedPicture:
+        return open_picture(path, self.read_bytes(path, kind), kind)
 
-    def decode_image(self, name: str, image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
-        """Decode pixels to RGB. ``draft_size`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the network
-        resolution is that much smaller than the file (a large saving at demo resolutions, none at 800 px)."""
-        try:
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
-        except Exception as e:
-            raise DataError(self.image_path(name), f"corrupt image data ({type(e).__name__}: {e})", "image") from None
+    def decode_image(self, name: str, image: EncodedPicture, draft_size: Optional[int] = None
+                     ) -> Union[np.ndarray, Image.Image]:
+        """Decode pixels to RGB: uint8 (H,W,3) or a PIL RGB image (see :func:`decode_rgb` and ``draft_size``)."""
+        return decode_rgb(image, draft_size)
 
     def size_mismatch(self, name: str, ann: Annotation, size: Tuple[int, int]) -> Optional[DataError]:
         """The error for an annotation whose stored mask size differs from the image's (h, w); None when they

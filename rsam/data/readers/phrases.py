@@ -21,6 +21,7 @@ from iopath.common.file_io import PathManager, g_pathmgr
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, category_from_text, raise_error
+from rsam.data.readers.pictures import decode_values
 
 __all__ = ["PhraseListReader", "RefSegRSReader", "RISBenchReader", "REFSEGRS_CLASSES", "RISBENCH_CLASSES"]
 
@@ -102,16 +103,10 @@ class PhraseListReader(Reader):
 
     def decode_stored_masks(self, name: str, annotations: Sequence[Annotation]) -> List[np.ndarray]:
         path = self.mask_path(name)
-        picture = self.open_picture(path, "mask")
-        try:
-            values = np.asarray(picture)
-        except Exception as e:
-            raise DataError(path, f"corrupt mask data ({type(e).__name__}: {e})", "image") from None
+        values = decode_values(self.open_picture(path, "mask"))
         if values.dtype == bool:  # 1-bit masks: already foreground / background
             mask = np.ascontiguousarray(values if values.ndim == 2 else values[..., 0])
             return [mask] * len(annotations)
-        if picture.mode == "P":  # palette indices mean nothing to the threshold: use the grey levels
-            values = np.asarray(picture.convert("L"))
         if values.ndim == 3:
             values = values[..., 0]
         mask = np.ascontiguousarray(values > self.foreground_above)

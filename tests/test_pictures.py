@@ -1,0 +1,118 @@
+"""rsam.data.readers.pictures: dataset picture files decoded to the pixels PIL reads, whichever decoder runs.
+
+8-bit RGB and 8-bit grey PNGs go through libspng (pyspng) for speed, every other kind through PIL; these tests
+hold both paths to PIL's pixels, check which path runs, and that corrupt files are errors naming the file.
+"""
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsam.data.errors import DataError
+from rsam.data.readers import pictures
+from rsam.data.readers.pictures import decode_rgb, decode_values, open_picture
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+GREY = np.where(RNG.random((37, 53)) < 0.3, 255, 0).astype(np.uint8)
+GREY[5, 7] = 17  # a value that is neither 0 nor 255: thresholds must see the stored level
+
+
+def _png(image: Image.Image, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG", **params)
+    return out.getvalue()
+
+
+def _png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (PIL saves RGB with 8 bits): high byte = ``pixels``, low byte 0x5A."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + tag + body + zlib.crc32(tag + body).to_bytes(4, "big")
+
+    h, w, _ = pixels.shape
+    samples = (pixels.astype(">u2") << 8) | 0x5A
+    rows = b"".join(b"\x00" + samples[y].tobytes() for y in range(h))  # filter type 0 on every row
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+IMAGES = {
+    "rgb": lambda: _png(Image.fromarray(RGB)),
+    "rgb_colour_key": lambda: _png(Image.fromarray(RGB), transparency=tuple(int(v) for v in RGB[0, 0])),
+    "rgb_level_0": lambda: _png(Image.fromarray(RGB), compress_level=0),
+    "grey": lambda: _png(Image.fromarray(RGB).convert("L")),
+    "rgba": lambda: _png(Image.fromarray(np.dstack([RGB, np.full(RGB.shape[:2], 9, np.uint8)]))),
+    "palette": lambda: _png(Image.fromarray(RGB).convert("P")),
+    "rgb16": lambda: _png_16bit_rgb(RGB),
+    "jpeg": lambda: (lambda out: (Image.fromarray(RGB).save(out, "JPEG"), out.getvalue())[1])(io.BytesIO()),
+}
+MASKS = {
+    "grey": lambda: _png(Image.fromarray(GREY)),
+    "grey_colour_key": lambda: _png(Image.fromarray(GREY), transparency=0),
+    "one_bit": lambda: _png(Image.fromarray(GREY > 0)),
+    "palette": lambda: _png(Image.fromarray(GREY).convert("P")),
+    "grey16": lambda: _png(Image.fromarray(GREY.astype(np.uint16) * 257)),
+    "rgb": lambda: _png(Image.fromarray(np.dstack([GREY] * 3))),
+}
+FAST_IMAGES, FAST_MASKS = {"rgb", "rgb_colour_key", "rgb_level_0"}, {"grey", "grey_colour_key"}
+
+
+@pytest.fixture
+def spng_calls(monkeypatch):
+    calls = []
+    load = pictures.pyspng.load
+    monkeypatch.setattr(pictures.pyspng, "load", lambda *a: calls.append(a[1:]) or load(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_images_decode_to_pils_rgb_pixels(kind, spng_calls):
+    data = IMAGES[kind]()
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    pixels = decode_rgb(open_picture("x/img.png", data, "image"))
+    assert np.asarray(pixels).dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(pixels), expected)
+    assert spng_calls == ([("RGB",)] if kind in FAST_IMAGES else [])
+    if kind in FAST_IMAGES:  # an array the transforms may own (black boxes are painted in place)
+        assert pixels.flags.writeable and pixels.flags.c_contiguous
+
+
+@pytest.mark.parametrize("kind", sorted(MASKS))
+def test_masks_decode_to_pils_stored_values(kind, spng_calls):
+    data = MASKS[kind]()
+    image = Image.open(io.BytesIO(data))
+    expected = np.asarray(image.convert("L") if image.mode == "P" else image)
+    values = decode_values(open_picture("x/mask.png", data, "mask"))
+    assert values.dtype == expected.dtype
+    np.testing.assert_array_equal(values, expected)
+    assert spng_calls == ([("L",)] if kind in FAST_MASKS else [])
+
+
+def _corrupt_idat(data: bytes) -> bytes:
+    """The PNG with its pixel stream replaced by bytes that are not a deflate stream (valid chunk CRC)."""
+    start = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[start:start + 4], "big")
+    junk = bytes(range(256)) * (length // 256 + 1)
+    junk = b"\x78\x9c" + junk[:length - 2]
+    chunk = length.to_bytes(4, "big") + b"IDAT" + junk + zlib.crc32(b"IDAT" + junk).to_bytes(4, "big")
+    return data[:start] + chunk + data[start + 12 + length:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("which", ["image", "mask"])
+def test_damaged_pngs_are_data_errors_naming_the_file(which, damage):
+    data = IMAGES["rgb"]() if which == "image" else MASKS["grey"]()
+    data = data[: len(data) // 2] if damage == "truncated" else _corrupt_idat(data)
+    picture = open_picture(f"root/{which}s/0001.png", data, which)  # the header still reads
+    with pytest.raises(DataError, match=f"root/{which}s/0001.png") as err:
+        (decode_rgb if which == "image" else decode_values)(picture)
+    assert err.value.reason == "image" and f"corrupt {which} data" in str(err.value)
+
+
+def test_unreadable_header_names_the_file():
+    with pytest.raises(DataError, match="root/images/a.png: unreadable image"):
+        open_picture("root/images/a.png", b"not a picture", "image")
