@@ -1,7 +1,16 @@
-"""Install RSAM. The CUDA connected-components op (``rsam._C``) is optional.
+"""Install RSAM. Three compiled parts, all optional (RSAM works, slower, without them):
+
+  rsam._png  C: PNG scanline unfiltering for the dataset readers (rsam/data/readers/png.py); without it
+             dataset PNGs decode with libspng (pyspng).
+  rsam._rle  C: COCO RLE masks decoded straight into row-major masks (rsam/data/rle.py); without it numpy
+             and pycocotools decode them.
+  rsam._C    CUDA: the connected-components op (rsam.ops); built when a CUDA toolkit is found; without it
+             rsam.ops.connected_components falls back to the CPU.
+The two C ones need only a C compiler and Python's headers, and build in about a second.
 
 Environment switches:
-  RSAM_BUILD_CUDA=0          never build the extension (default: build when a CUDA toolkit is found)
+  RSAM_BUILD_C=0             never build rsam._png and rsam._rle
+  RSAM_BUILD_CUDA=0          never build rsam._C (default: build when a CUDA toolkit is found)
   RSAM_BUILD_ALLOW_ERRORS=0  a failed extension build fails the install (default 1: warn and go on)
   CUDA_HOME                  CUDA toolkit root (default: found from nvcc on PATH or /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST       GPU architectures to compile for, e.g. "8.0;9.0" (A100, H100/H200);
@@ -11,8 +20,10 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
+BUILD_C = os.environ.get("RSAM_BUILD_C", "1") == "1"
 BUILD_CUDA = os.environ.get("RSAM_BUILD_CUDA", "1") == "1"
 ALLOW_ERRORS = os.environ.get("RSAM_BUILD_ALLOW_ERRORS", "1") == "1"
 
@@ -27,7 +38,9 @@ REQUIRES = [
     "pycocotools>=2.0.7",
     "numpy>=1.24",
     "pillow>=9.4",
-    "pyspng>=0.1.4",  # libspng: dataset PNGs decode in half of PIL's time (rsam/data/readers/pictures.py)
+    "isal>=1.6",  # ISA-L inflate for dataset PNGs, 2x zlib's speed (rsam/data/readers/png.py)
+    "pyspng>=0.1.4",  # libspng: dataset PNGs when rsam._png is not built, in half of PIL's time
+    "simplejpeg>=1.7",  # libjpeg-turbo straight into numpy: dataset JPEGs without PIL's copies (pictures.py)
     "tensorboard>=2.14",
     "tqdm>=4.66",
     "safetensors>=0.4",
@@ -68,23 +81,38 @@ def find_cuda_home():
     return None
 
 
-def build_failed(message):
+WITHOUT = {  # what a user loses when an extension is not built
+    "rsam._png": "dataset PNGs decode with libspng (pyspng), about 1.4x slower",
+    "rsam._rle": "dataset masks decode with numpy and pycocotools, 2-4x slower",
+    "rsam._C": "rsam.ops.connected_components falls back to the CPU",
+}
+
+
+def build_failed(name, message):
     bar = "!" * 78
-    print(f"\n{bar}\nWARNING: the CUDA extension rsam._C is not built:\n  {message}\n"
-          "RSAM works without it; rsam.ops.connected_components falls back to the CPU.\n"
+    print(f"\n{bar}\nWARNING: the extension {name} is not built:\n  {message}\n"
+          f"RSAM works without it: {WITHOUT[name]}.\n"
           "Set RSAM_BUILD_ALLOW_ERRORS=0 to make this an error.\n"
           f"{bar}\n", file=sys.stderr)
 
 
+def c_extensions():
+    """[rsam._png, rsam._rle] unless switched off: one plain C file each, no library to link."""
+    if not BUILD_C:
+        return []
+    flags = [] if sys.platform == "win32" else ["-O3", "-g0"]
+    return [Extension("rsam._png", ["rsam/csrc/png_filters.c"], extra_compile_args=flags),
+            Extension("rsam._rle", ["rsam/csrc/coco_rle.c"], extra_compile_args=flags)]
+
+
 def cuda_extensions():
-    """([rsam._C], {"build_ext": ...}) when the extension should be built, else ([], {})."""
+    """([rsam._C], torch's BuildExtension) when the extension should be built, else ([], None)."""
     if not BUILD_CUDA:
-        return [], {}
+        return [], None
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        print("rsam._C not built: no CUDA toolkit found (set CUDA_HOME). "
-              "rsam.ops.connected_components will use its CPU fallback.", file=sys.stderr)
-        return [], {}
+        print(f"rsam._C not built: no CUDA toolkit found (set CUDA_HOME); {WITHOUT['rsam._C']}.", file=sys.stderr)
+        return [], None
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         import torch
@@ -100,25 +128,35 @@ def cuda_extensions():
     except Exception as exc:  # torch missing in an isolated build env, broken toolkit, ...
         if not ALLOW_ERRORS:
             raise
-        build_failed(exc)
-        return [], {}
+        build_failed("rsam._C", exc)
+        return [], None
+    return [ext], BuildExtension.with_options(no_python_abi_suffix=True)
 
-    class TolerantBuild(BuildExtension):
-        """Builds the extension; with RSAM_BUILD_ALLOW_ERRORS=1 a failure is a loud warning."""
 
+def tolerant(base):
+    """``base`` (a build_ext command) where, with RSAM_BUILD_ALLOW_ERRORS=1, an extension that fails to build
+    is a loud warning and is left out; the others are still built."""
+
+    class TolerantBuild(base):
         def build_extensions(self):
+            self.failed = []
+            super().build_extensions()
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
+
+        def build_extension(self, ext):
             try:
-                super().build_extensions()
+                super().build_extension(ext)
             except Exception as exc:
                 if not ALLOW_ERRORS:
                     raise
-                build_failed(exc)
-                self.extensions = []
+                build_failed(ext.name, exc)
+                self.failed.append(ext.name)
 
-    return [ext], {"build_ext": TolerantBuild.with_options(no_python_abi_suffix=True)}
+    return TolerantBuild
 
 
-ext_modules, cmdclass = cuda_extensions()
+cuda_modules, cuda_build = cuda_extensions()
+ext_modules = c_extensions() + cuda_modules
 
 setup(
     name="rsam",
@@ -129,7 +167,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rsam", "rsam.*", "training", "training.*"]),
-    package_data={"rsam": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
+    package_data={"rsam": ["csrc/*.c", "csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
@@ -141,5 +179,5 @@ setup(
         "rsam-ui=rsam.tools.ui:main",
     ]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_ext": tolerant(cuda_build or build_ext)},
 )

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from rsam.data.batch import Collator
 from rsam.data.dataset import ReferringDataset
 from rsam.data.errors import DataError
+from rsam.data.readers import png
 from rsam.data.synthetic import generate
 from rsam.data.tokenizer import RSAMTokenizer
 
@@ -115,6 +116,7 @@ def main() -> None:
                 "negative_ratio": args.negative_ratio,
                 "generate_s": round(gen_s, 1),
                 "torch_threads": torch.get_num_threads(),
+                "png_decoder": png.DECODER,  # 8-bit RGB / grey PNGs (rsam/data/readers/png.py)
             }
         )
     )

@@ -192,6 +192,8 @@ def test_bench_data_times_a_dataset_on_disk(tmp_path):
     out = json.loads(lines[0])
     assert out["format"] == "risbench" and out["data_root"] == str(tmp_path) and out["samples"] == 8
     assert out["samples_per_s_per_worker"] > 0 and out["generate_s"] == 0.0
+    from rsam.data.readers import png
+    assert out["png_decoder"] == png.DECODER
     missing = subprocess.run([sys.executable, os.path.join(BENCH, "bench_data.py"), "--format", "risbench",
                               "--data-root", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "nowhere: not a risbench dataset" in missing.stderr

@@ -14,6 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
+from built_extensions import require_built
 from rsam.data.batch import Batch, Collator, ImageSample, cap_expressions
 from rsam.data.dataset import ReferringDataset
 from rsam.data.errors import DataError
@@ -270,10 +271,22 @@ def _test_masks() -> List[np.ndarray]:
     return out
 
 
-def test_rle_decoder_matches_pycocotools(tmp_path):
+@pytest.fixture(params=["extension", "numpy"])
+def rle_decoder(request, monkeypatch):
+    """Runs a test with rsam._rle decoding compressed RLEs (where built), and again with the numpy fallback."""
+    from rsam.data import rle
+
+    if request.param == "extension":
+        require_built(rle._rle, "rsam._rle")
+    else:
+        monkeypatch.setattr(rle, "_rle", None)
+    return request.param
+
+
+def test_rle_decoder_matches_pycocotools(tmp_path, rle_decoder):
     from rsam.data.readers import Annotation
     from rsam.data.readers.risors import RISORSReader
-    from rsam.data.rle import FAST_RLE_MAX_CHARS, fill_rle, rle_counts
+    from rsam.data.rle import FAST_RLE_MAX_CHARS, decode_rles, fill_rle, rle_counts
 
     masks = _test_masks()
     rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
@@ -284,6 +297,9 @@ def test_rle_decoder_matches_pycocotools(tmp_path):
         out = np.zeros(m.shape, bool)
         fill_rle(rle_counts(rle["counts"]), out)
         assert np.array_equal(out, ref), f"{m.shape} mask decoded differently from pycocotools"
+        for counts in (rle["counts"], rle["counts"].decode()):
+            decoded = decode_rles([{"size": list(m.shape), "counts": counts}] * 2, *m.shape)
+            assert decoded.dtype == bool and np.array_equal(decoded, np.stack([ref, ref])), f"{m.shape} {rle_decoder}"
     (tmp_path / "JPEGImages").mkdir()
     reader = RISORSReader(str(tmp_path), split=None)  # an empty image folder is enough to decode masks
     for shape in ((64, 48), (64, 64)):  # ellipses (fast path); the 64x64 noise mask (pycocotools path)
@@ -295,6 +311,8 @@ def test_rle_decoder_matches_pycocotools(tmp_path):
         Annotation(0, "x", "c", 1.0, {"size": [37, 53], "counts": rles[4]["counts"][:-1]}),  # truncated
         Annotation(0, "x", "c", 1.0, {"size": [37, 54], "counts": rles[4]["counts"]}),  # runs != h*w
         Annotation(0, "x", "c", 1.0, {"size": [37, 53], "counts": [5, -3, 37 * 53 - 2]}),  # negative run
+        Annotation(0, "x", "c", 1.0, {"size": [37, 53], "counts": "0" + "o" * 13 + "0"}),  # one 65-bit value
+        Annotation(0, "x", "c", 1.0, {"size": [37, 53], "counts": "0" + "ooooooooooo?" * 40}),  # values that grow
     ]
     for ann in bad:
         with pytest.raises(DataError, match=r"img\.json: annotations\[0\]\.segmentation: invalid RLE"):

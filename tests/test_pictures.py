@@ -1,7 +1,8 @@
 """rsam.data.readers.pictures: dataset picture files decoded to the pixels PIL reads, whichever decoder runs.
 
-8-bit RGB and 8-bit grey PNGs go through libspng (pyspng) for speed, every other kind through PIL; these tests
-hold both paths to PIL's pixels, check which path runs, and that corrupt files are errors naming the file.
+8-bit RGB and 8-bit grey PNGs go through png.py for speed (rsam._png + ISA-L, or libspng without the extension),
+colour JPEGs through simplejpeg, every other kind through PIL; these tests hold every path to PIL's pixels,
+check which path runs, and that corrupt files are errors naming the file.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from PIL import Image
 
 from rsam.data.errors import DataError
-from rsam.data.readers import pictures
+from rsam.data.readers import pictures, png
 from rsam.data.readers.pictures import decode_rgb, decode_values, open_picture
+from built_extensions import require_built
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
@@ -40,6 +42,25 @@ def _png_16bit_rgb(pixels: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+def _jpeg(image: Image.Image, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, **params)
+    return out.getvalue()
+
+
+SMOOTH = np.clip(np.add.outer(np.arange(48) * 4, np.arange(64) * 3)[..., None] + [0, 40, 90], 0, 255).astype(np.uint8)
+JPEGS = {  # colour JPEGs go to simplejpeg (unless damaged), the others to PIL
+    "jpeg_baseline": lambda: _jpeg(Image.fromarray(SMOOTH)),
+    "jpeg_progressive": lambda: _jpeg(Image.fromarray(SMOOTH), progressive=True),
+    "jpeg_subsampling_444": lambda: _jpeg(Image.fromarray(SMOOTH), subsampling=0),
+    "jpeg_grey": lambda: _jpeg(Image.fromarray(SMOOTH).convert("L")),
+    "jpeg_cmyk": lambda: _jpeg(Image.fromarray(SMOOTH).convert("CMYK")),
+    # a run of zeros inside the entropy-coded data: libjpeg warns, PIL decodes it anyway
+    "jpeg_damaged_inside": lambda: (lambda d: d[:len(d) * 3 // 4] + bytes(64) + d[len(d) * 3 // 4 + 64:])(
+        _jpeg(Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)))),
+}
+SIMPLEJPEG_JPEGS = {"jpeg_baseline", "jpeg_progressive", "jpeg_subsampling_444"}
+
 IMAGES = {
     "rgb": lambda: _png(Image.fromarray(RGB)),
     "rgb_colour_key": lambda: _png(Image.fromarray(RGB), transparency=tuple(int(v) for v in RGB[0, 0])),
@@ -48,7 +69,7 @@ IMAGES = {
     "rgba": lambda: _png(Image.fromarray(np.dstack([RGB, np.full(RGB.shape[:2], 9, np.uint8)]))),
     "palette": lambda: _png(Image.fromarray(RGB).convert("P")),
     "rgb16": lambda: _png_16bit_rgb(RGB),
-    "jpeg": lambda: (lambda out: (Image.fromarray(RGB).save(out, "JPEG"), out.getvalue())[1])(io.BytesIO()),
+    **JPEGS,
 }
 MASKS = {
     "grey": lambda: _png(Image.fromarray(GREY)),
@@ -61,35 +82,62 @@ MASKS = {
 FAST_IMAGES, FAST_MASKS = {"rgb", "rgb_colour_key", "rgb_level_0"}, {"grey", "grey_colour_key"}
 
 
-@pytest.fixture
-def spng_calls(monkeypatch):
+@pytest.fixture(params=["extension", "libspng"])
+def png_calls(request, monkeypatch):
+    """The channels of each png.decode_png call; run once with rsam._png (where built) and once without."""
+    if request.param == "extension":
+        require_built(png._png, "rsam._png")
+    else:
+        monkeypatch.setattr(png, "_png", None)
     calls = []
-    load = pictures.pyspng.load
-    monkeypatch.setattr(pictures.pyspng, "load", lambda *a: calls.append(a[1:]) or load(*a))
+    monkeypatch.setattr(pictures, "decode_png", lambda data, channels: calls.append(channels)
+                        or png.decode_png(data, channels))
     return calls
 
 
+@pytest.fixture
+def simplejpeg_results(monkeypatch):
+    """'ok' or 'raised' for each simplejpeg.decode_jpeg call."""
+    results = []
+    decode = pictures.simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        try:
+            out = decode(*args, **kwargs)
+        except ValueError:
+            results.append("raised")
+            raise
+        results.append("ok")
+        return out
+
+    monkeypatch.setattr(pictures.simplejpeg, "decode_jpeg", spy)
+    return results
+
+
 @pytest.mark.parametrize("kind", sorted(IMAGES))
-def test_images_decode_to_pils_rgb_pixels(kind, spng_calls):
+def test_images_decode_to_pils_rgb_pixels(kind, png_calls, simplejpeg_results):
     data = IMAGES[kind]()
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    pixels = decode_rgb(open_picture("x/img.png", data, "image"))
+    pixels = decode_rgb(open_picture("x/img", data, "image"))
     assert np.asarray(pixels).dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(pixels), expected)
-    assert spng_calls == ([("RGB",)] if kind in FAST_IMAGES else [])
-    if kind in FAST_IMAGES:  # an array the transforms may own (black boxes are painted in place)
+    assert png_calls == ([3] if kind in FAST_IMAGES else [])
+    # grey / CMYK JPEGs: PIL only; a damaged one: simplejpeg refused it, PIL decoded it
+    assert simplejpeg_results == (["ok"] if kind in SIMPLEJPEG_JPEGS else
+                                  ["raised"] if kind == "jpeg_damaged_inside" else [])
+    if kind in FAST_IMAGES | SIMPLEJPEG_JPEGS:  # an array the transforms may own (black boxes are painted in place)
         assert pixels.flags.writeable and pixels.flags.c_contiguous
 
 
 @pytest.mark.parametrize("kind", sorted(MASKS))
-def test_masks_decode_to_pils_stored_values(kind, spng_calls):
+def test_masks_decode_to_pils_stored_values(kind, png_calls):
     data = MASKS[kind]()
     image = Image.open(io.BytesIO(data))
     expected = np.asarray(image.convert("L") if image.mode == "P" else image)
     values = decode_values(open_picture("x/mask.png", data, "mask"))
     assert values.dtype == expected.dtype
     np.testing.assert_array_equal(values, expected)
-    assert spng_calls == ([("L",)] if kind in FAST_MASKS else [])
+    assert png_calls == ([1] if kind in FAST_MASKS else [])
 
 
 def _corrupt_idat(data: bytes) -> bytes:
@@ -104,7 +152,7 @@ def _corrupt_idat(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 @pytest.mark.parametrize("which", ["image", "mask"])
-def test_damaged_pngs_are_data_errors_naming_the_file(which, damage):
+def test_damaged_pngs_are_data_errors_naming_the_file(which, damage, png_calls):
     data = IMAGES["rgb"]() if which == "image" else MASKS["grey"]()
     data = data[: len(data) // 2] if damage == "truncated" else _corrupt_idat(data)
     picture = open_picture(f"root/{which}s/0001.png", data, which)  # the header still reads
@@ -116,3 +164,20 @@ def test_damaged_pngs_are_data_errors_naming_the_file(which, damage):
 def test_unreadable_header_names_the_file():
     with pytest.raises(DataError, match="root/images/a.png: unreadable image"):
         open_picture("root/images/a.png", b"not a picture", "image")
+
+
+
+def test_a_draft_decode_stays_with_pil(simplejpeg_results):
+    data = JPEGS["jpeg_baseline"]()  # 64x48
+    small = decode_rgb(open_picture("x/img.jpg", data, "image"), draft_size=12)
+    assert small.size == (16, 12) and simplejpeg_results == []  # libjpeg's 1/4 scale, as PIL's draft picks it
+    full = decode_rgb(open_picture("x/img.jpg", data, "image"), draft_size=32)  # 1/2 scale would be under 32
+    assert full.shape == (48, 64, 3) and simplejpeg_results == ["ok"]
+
+
+def test_a_truncated_jpeg_is_a_data_error_naming_the_file(simplejpeg_results):
+    data = JPEGS["jpeg_baseline"]()
+    picture = open_picture("root/images/0001.jpg", data[:-100], "image")  # the header is whole
+    with pytest.raises(DataError, match="root/images/0001.jpg: corrupt image data"):
+        decode_rgb(picture)
+    assert simplejpeg_results == ["raised"]

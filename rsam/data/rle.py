@@ -1,8 +1,10 @@
 """COCO run-length encoding: decoding compressed / uncompressed RLEs into boolean masks, and encoding them.
 
 COCO RLEs are column-major run lengths starting with a background run; the compressed form packs them into
-a string (5 data bits per character, offset 48). Short compressed strings are decoded here in pure numpy
-(a few slice writes per object), long ones by pycocotools.
+a string (5 data bits per character, offset 48). Compressed strings are decoded by the C extension
+``rsam._rle`` (rsam/csrc/coco_rle.c) straight into row-major masks. Where it is not built, short strings are
+decoded here in numpy (a few slice writes per object) and long ones by pycocotools; uncompressed (list) RLEs
+always take the numpy path.
 """
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ from typing import List, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+try:
+    from rsam import _rle
+except ImportError:  # built by setup.py when a C compiler is found; numpy + pycocotools are the fallback
+    _rle = None
 
 __all__ = ["RLEError", "rle_counts", "fill_rle", "decode_rles", "encode_rle", "FAST_RLE_MAX_CHARS"]
 
@@ -25,7 +32,7 @@ class RLEError(ValueError):
         return (RLEError, (self.positions, self.problem, self.wrong_size))
 
 
-# Compressed RLE strings up to this length are decoded by rle_counts + fill_rle (a few hundred column slices for
+# Without rsam._rle, compressed RLE strings up to this length are decoded by rle_counts + fill_rle (a few hundred column slices for
 # a typical object, ~3x faster than pycocotools' byte loop plus the transpose its column-major output needs);
 # longer ones (very fragmented masks) go to pycocotools, whose cost does not grow with the number of runs.
 FAST_RLE_MAX_CHARS = 1500
@@ -95,12 +102,18 @@ def decode_rles(segmentations: Sequence[Mapping], height: int, width: int) -> np
         counts = seg["counts"]
         if isinstance(counts, str):
             counts = counts.encode("utf-8")
+        if _rle is not None and isinstance(counts, bytes):
+            try:
+                _rle.paint(counts, out[i], height, width)
+            except ValueError as e:
+                raise RLEError([i], f"invalid RLE ({e})") from None
+            continue
         if not isinstance(counts, list) and len(counts) > FAST_RLE_MAX_CHARS:
             long_rles.append((i, counts))
             continue
         try:
             fill_rle(rle_counts(counts) if isinstance(counts, bytes) else counts, out[i])
-        except (ValueError, IndexError) as e:
+        except (ValueError, IndexError, OverflowError) as e:  # OverflowError: a run beyond 64 bits
             raise RLEError([i], f"invalid RLE ({e})") from None
     if long_rles:
         try:
