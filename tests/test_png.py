@@ -158,6 +158,8 @@ def test_unfilter_checks_its_buffers(extension):
         extension.unfilter(scanlines, np.empty(59, np.uint8), 4, 5, 3)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         extension.unfilter(scanlines, np.empty(60, np.uint8), 4, 5, 2)
+    with pytest.raises(ValueError, match="too large"):  # checked before any size is multiplied
+        extension.unfilter(scanlines, np.empty(60, np.uint8), 2**40, 2**40, 3)
     read_only = np.empty((4, 5, 3), np.uint8)
     read_only.flags.writeable = False
     with pytest.raises(TypeError):

@@ -140,11 +140,16 @@ static PyObject *unfilter(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     uint8_t *zero_row = NULL;
-    Py_ssize_t row_bytes = width * channels;
-    if (height < 1 || width < 1 || (channels != 1 && channels != 3)) {
+    /* Sizes are checked before they are multiplied: a product that overflows would be undefined behaviour. */
+    int valid_shape = height >= 1 && width >= 1 && (channels == 1 || channels == 3);
+    int fits = valid_shape && width <= PY_SSIZE_T_MAX / 3 / height - 1;
+    Py_ssize_t row_bytes = fits ? width * channels : 0;
+    if (!valid_shape) {
         PyErr_Format(PyExc_ValueError, "unfilter: need height, width >= 1 and 1 or 3 channels, got %zd x %zd x %d",
                      height, width, channels);
-    } else if (width > PY_SSIZE_T_MAX / 3 / height - 1 || scanlines.len != height * (row_bytes + 1)) {
+    } else if (!fits) {
+        PyErr_Format(PyExc_ValueError, "unfilter: a %zd x %zd x %d image is too large", height, width, channels);
+    } else if (scanlines.len != height * (row_bytes + 1)) {
         PyErr_Format(PyExc_ValueError, "unfilter: %zd bytes of scanlines, a %zd x %zd x %d image needs %zd",
                      scanlines.len, height, width, channels, height * (row_bytes + 1));
     } else if (out.len != height * row_bytes) {

@@ -32,9 +32,10 @@ class RLEError(ValueError):
         return (RLEError, (self.positions, self.problem, self.wrong_size))
 
 
-# Without rsam._rle, compressed RLE strings up to this length are decoded by rle_counts + fill_rle (a few hundred column slices for
-# a typical object, ~3x faster than pycocotools' byte loop plus the transpose its column-major output needs);
-# longer ones (very fragmented masks) go to pycocotools, whose cost does not grow with the number of runs.
+# Without rsam._rle, compressed RLE strings up to this length are decoded by rle_counts + fill_rle (a few hundred
+# column slices for a typical object, ~3x faster than pycocotools' byte loop plus the transpose its column-major
+# output needs); longer ones (very fragmented masks) go to pycocotools, whose cost does not grow with the number
+# of runs.
 FAST_RLE_MAX_CHARS = 1500
 
 
