@@ -1,15 +1,10 @@
-"""Install RSAM. Three compiled parts, all optional (RSAM works, slower, without them):
+"""Install RSAM. One compiled part, optional (RSAM works, slower, without it):
 
-  rsam._png  C: PNG scanline unfiltering for the dataset readers (rsam/data/readers/png.py); without it
-             dataset PNGs decode with libspng (pyspng).
-  rsam._rle  C: COCO RLE masks decoded straight into row-major masks (rsam/data/rle.py); without it numpy
-             and pycocotools decode them.
   rsam._C    CUDA: the connected-components op (rsam.ops); built when a CUDA toolkit is found; without it
              rsam.ops.connected_components falls back to the CPU.
-The two C ones need only a C compiler and Python's headers, and build in about a second.
+Dataset files are decoded by maintained libraries only (PIL, simplejpeg, pycocotools): nothing else is compiled.
 
 Environment switches:
-  RSAM_BUILD_C=0             never build rsam._png and rsam._rle
   RSAM_BUILD_CUDA=0          never build rsam._C (default: build when a CUDA toolkit is found)
   RSAM_BUILD_ALLOW_ERRORS=0  a failed extension build fails the install (default 1: warn and go on)
   CUDA_HOME                  CUDA toolkit root (default: found from nvcc on PATH or /usr/local/cuda)
@@ -20,10 +15,9 @@ import os
 import shutil
 import sys
 
-from setuptools import Extension, find_packages, setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-BUILD_C = os.environ.get("RSAM_BUILD_C", "1") == "1"
 BUILD_CUDA = os.environ.get("RSAM_BUILD_CUDA", "1") == "1"
 ALLOW_ERRORS = os.environ.get("RSAM_BUILD_ALLOW_ERRORS", "1") == "1"
 
@@ -38,8 +32,6 @@ REQUIRES = [
     "pycocotools>=2.0.7",
     "numpy>=1.24",
     "pillow>=9.4",
-    "isal>=1.6",  # ISA-L inflate for dataset PNGs, 2x zlib's speed (rsam/data/readers/png.py)
-    "pyspng>=0.1.4",  # libspng: dataset PNGs when rsam._png is not built, in half of PIL's time
     "simplejpeg>=1.7",  # libjpeg-turbo straight into numpy: dataset JPEGs without PIL's copies (pictures.py)
     "tensorboard>=2.14",
     "tqdm>=4.66",
@@ -82,8 +74,6 @@ def find_cuda_home():
 
 
 WITHOUT = {  # what a user loses when an extension is not built
-    "rsam._png": "dataset PNGs decode with libspng (pyspng), about 1.4x slower",
-    "rsam._rle": "dataset masks decode with numpy and pycocotools, 2-4x slower",
     "rsam._C": "rsam.ops.connected_components falls back to the CPU",
 }
 
@@ -94,15 +84,6 @@ def build_failed(name, message):
           f"RSAM works without it: {WITHOUT[name]}.\n"
           "Set RSAM_BUILD_ALLOW_ERRORS=0 to make this an error.\n"
           f"{bar}\n", file=sys.stderr)
-
-
-def c_extensions():
-    """[rsam._png, rsam._rle] unless switched off: one plain C file each, no library to link."""
-    if not BUILD_C:
-        return []
-    flags = [] if sys.platform == "win32" else ["-O3", "-g0"]
-    return [Extension("rsam._png", ["rsam/csrc/png_filters.c"], extra_compile_args=flags),
-            Extension("rsam._rle", ["rsam/csrc/coco_rle.c"], extra_compile_args=flags)]
 
 
 def cuda_extensions():
@@ -155,8 +136,7 @@ def tolerant(base):
     return TolerantBuild
 
 
-cuda_modules, cuda_build = cuda_extensions()
-ext_modules = c_extensions() + cuda_modules
+ext_modules, cuda_build = cuda_extensions()
 
 setup(
     name="rsam",
@@ -167,7 +147,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rsam", "rsam.*", "training", "training.*"]),
-    package_data={"rsam": ["csrc/*.c", "csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
+    package_data={"rsam": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
@@ -177,6 +157,7 @@ setup(
         "rsam-data=rsam.tools.data:main",
         "rsam-export=rsam.tools.export:main",
         "rsam-ui=rsam.tools.ui:main",
+        "rsam-compare=rsam.tools.compare:main",
     ]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": tolerant(cuda_build or build_ext)},

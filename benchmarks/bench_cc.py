@@ -1,7 +1,7 @@
 """Benchmark rsam.ops.connected_components against OpenCV; prints one JSON document.
 
-    python benchmarks/bench_cc.py            # the three reference cases (CUDA op when available)
-    python benchmarks/bench_cc.py --small    # small sizes: a quick smoke test for CPU-only CI
+    python -m benchmarks.bench_cc            # the three reference cases (CUDA op when available)
+    python -m benchmarks.bench_cc --small    # small sizes: a quick smoke test for CPU-only CI
 
 Cases: random noise (p=0.5) 32x1x800x800, smooth blobs (16x-upsampled uniform noise > 0.6)
 32x1x800x800 and 256x1x256x256. For each: the rsam op on the chosen device (the CUDA extension, or

@@ -1,8 +1,8 @@
 """Data-pipeline throughput per dataloader worker on 800 px samples of any dataset format.
 
-    python benchmarks/bench_data.py [--format rrsisd] [--num-images 48] [--resolution 800] [--iters 96]
-    python benchmarks/bench_data.py --data-root DIR --format risbench [--split train]  # time your own data
-    python benchmarks/bench_data.py --open-expressions 20000 [--format rrsisd]   # time to open a large dataset
+    python -m benchmarks.bench_data [--format rrsisd] [--num-images 48] [--resolution 800] [--iters 96]
+    python -m benchmarks.bench_data --data-root DIR --format risbench [--split train]  # time your own data
+    python -m benchmarks.bench_data --open-expressions 20000 [--format rrsisd]   # time to open a large dataset
 
 Generates a temporary synthetic dataset at 800 px in the ``--format`` layout (risors, rrsisd, refsegrs,
 risbench, jsonl), or reads the dataset at ``--data-root``, then times a DataLoader
@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 from rsam.data.batch import Collator
 from rsam.data.dataset import ReferringDataset
 from rsam.data.errors import DataError
-from rsam.data.readers import png
 from rsam.data.synthetic import generate
 from rsam.data.tokenizer import RSAMTokenizer
 
@@ -116,7 +115,6 @@ def main() -> None:
                 "negative_ratio": args.negative_ratio,
                 "generate_s": round(gen_s, 1),
                 "torch_threads": torch.get_num_threads(),
-                "png_decoder": png.DECODER,  # 8-bit RGB / grey PNGs (rsam/data/readers/png.py)
             }
         )
     )

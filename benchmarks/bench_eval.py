@@ -1,8 +1,8 @@
 """Evaluation (inference) throughput of RSAM on synthetic in-memory batches; prints one JSON line.
 
-    python benchmarks/bench_eval.py                                    # recipe: B+ / BERT-base, 800 px, 32 x 1
-    python benchmarks/bench_eval.py --compile --channels-last
-    python benchmarks/bench_eval.py --config configs/rsam_demo_cpu.yaml --iters 2    # CPU smoke test
+    python -m benchmarks.bench_eval                                    # recipe: B+ / BERT-base, 800 px, 32 x 1
+    python -m benchmarks.bench_eval --compile --channels-last
+    python -m benchmarks.bench_eval --config configs/rsam_demo_cpu.yaml --iters 2    # CPU smoke test
 
 One step is the evaluation engine's forward (:func:`rsam.evaluation.eval_step`, what the trainer's validation,
 ``training/eval.py`` and this benchmark all run): ``model.eval()``, ``torch.no_grad()``, bf16 autocast, uint8
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-import _bench_utils as U
 import torch
 
+from benchmarks import _bench_utils as U
 from rsam.evaluation import eval_step
 
 

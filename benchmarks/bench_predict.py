@@ -1,8 +1,8 @@
 """Throughput of ``rsam-predict`` over a folder of images, batch 1 against ``--batch-size N``; one JSON line.
 
-    python benchmarks/bench_predict.py                                   # demo model (random init), CPU, 100 x 512 px
-    python benchmarks/bench_predict.py --checkpoint demo_output/checkpoints/best.pt --batch-sizes 1,8
-    python benchmarks/bench_predict.py --config configs/rsam_b+_b.yaml --device cuda --batch-sizes 1,8,16
+    python -m benchmarks.bench_predict                                   # demo model (random init), CPU, 100 x 512 px
+    python -m benchmarks.bench_predict --checkpoint demo_output/checkpoints/best.pt --batch-sizes 1,8
+    python -m benchmarks.bench_predict --config configs/rsam_b+_b.yaml --device cuda --batch-sizes 1,8,16
 
 What is timed: the whole command, ``rsam.tools.predict.main`` in this process -- model loading, reading the
 PNGs, resizing, the image encoder (B images per call), text encoder, fusion and decoder for every expression,
@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 
-import _bench_utils as U
 import numpy as np
 import torch
 from PIL import Image
+
+from benchmarks import _bench_utils as U
 
 DEMO_CONFIG = os.path.join(U.REPO, "configs", "rsam_demo_cpu.yaml")
 EXPRESSIONS = ["the red ship", "the largest white building at the top left", "a vehicle on the left",

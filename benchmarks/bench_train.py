@@ -1,9 +1,9 @@
 """Training-step throughput of RSAM on synthetic in-memory batches; prints one JSON line.
 
-    python benchmarks/bench_train.py                                   # recipe: B+ / BERT-base, 800 px, 8 x 3
-    python benchmarks/bench_train.py --compile --channels-last
-    python benchmarks/bench_train.py --images 16 --resolution 1024
-    python benchmarks/bench_train.py --config configs/rsam_demo_cpu.yaml --iters 2   # CPU smoke test
+    python -m benchmarks.bench_train                                   # recipe: B+ / BERT-base, 800 px, 8 x 3
+    python -m benchmarks.bench_train --compile --channels-last
+    python -m benchmarks.bench_train --images 16 --resolution 1024
+    python -m benchmarks.bench_train --config configs/rsam_demo_cpu.yaml --iters 2   # CPU smoke test
 
 One step is the trainer's own :class:`training.step.TrainStep`: schedules set, bf16 autocast forward of uint8
 ``images`` (B,3,R,R) with B x k expressions of ``--tokens`` tokens, the config's ``loss:`` node, backward, global
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-import _bench_utils as U
 import torch
+
+from benchmarks import _bench_utils as U
 
 
 def build_training(cfg, model, device: torch.device):

@@ -1,7 +1,7 @@
 """Estimate the training memory of a recipe without a GPU; prints one JSON object.
 
-    python benchmarks/estimate_memory.py -c configs/rsam_b+_b_1gpu.yaml
-    python benchmarks/estimate_memory.py -c configs/rsam_b+_b.yaml --images 8 --expressions 24
+    python -m benchmarks.estimate_memory -c configs/rsam_b+_b_1gpu.yaml
+    python -m benchmarks.estimate_memory -c configs/rsam_b+_b.yaml --images 8 --expressions 24
 
 Method (no weights, no GPU): the model is built on the meta device and one training forward + backward is run
 there (shapes only). Every tensor autograd saves for the backward pass is counted through
@@ -14,7 +14,7 @@ is counted as the GPU's flash / memory-efficient kernels keep it: q, k, v, the o
 the L x L probabilities (the CPU math path would save those). Not counted: the CUDA context (~0.5 GB),
 allocator fragmentation and cuDNN / SDPA workspaces (typically 10-20 % on top), the data loader's pinned memory.
 The estimate of a GPU run is ``static + activations``; compare it with ``torch.cuda.max_memory_allocated()``
-from ``benchmarks/bench_train.py`` where a GPU is available.
+from ``python -m benchmarks.bench_train`` where a GPU is available.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GiB = 2 ** 30
 

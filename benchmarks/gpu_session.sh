@@ -9,7 +9,7 @@
 #        OUT=gpu_out bash benchmarks/gpu_session.sh
 #
 # Results (at most 8 files, as the device tool returns them) in $OUT (default ./gpu_session_out):
-#   bench.jsonl      one JSON line per benchmark (benchmarks/bench_*.py), the numbers for the issue note
+#   bench.jsonl      one JSON line per benchmark (python -m benchmarks.bench_*), the numbers for the issue note
 #   session.log      every command with its full output
 #   tests.log        pytest -m gpu + the connected-components tests
 #   profile_train.txt, profile_eval.txt   top kernels (torch.profiler) of the eager 8x3 train / 32x1 eval steps
@@ -92,15 +92,15 @@ step 150 "build rsam._C" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
 # BENCH_EXTRA: extra flags for every benchmark, e.g. a CPU dry run of this script:
 #   BENCH_EXTRA="--config configs/rsam_demo_cpu.yaml --resolution 64 --warmup 0 --iters 1" bash benchmarks/gpu_session.sh
-BT="$PY benchmarks/bench_train.py --out $JSONL ${BENCH_EXTRA:-}"
-BE="$PY benchmarks/bench_eval.py --out $JSONL ${BENCH_EXTRA:-}"
+BT="$PY -m benchmarks.bench_train --out $JSONL ${BENCH_EXTRA:-}"
+BE="$PY -m benchmarks.bench_eval --out $JSONL ${BENCH_EXTRA:-}"
 # The recipe: configs/rsam_b+_b.yaml, 800 px, 8 images x 3 expressions x 20 tokens, bf16, fused AdamW, clip.
 step 120 "train eager 8x3 + profile"  $BT --profile "$OUT/profile_train.txt"
 step 90  "eval eager 32x1 + profile"  $BE --profile "$OUT/profile_eval.txt"
 step 150 "gpu tests" bash -c "$PY -m pytest -q -m gpu tests > '$OUT/tests.log' 2>&1; \
   $PY -m pytest -q tests/test_connected_components.py >> '$OUT/tests.log' 2>&1; tail -3 '$OUT/tests.log'"
 if [[ -f benchmarks/bench_cc.py ]]; then
-  step 60 "bench_cc" bash -c "$PY benchmarks/bench_cc.py | tee -a '$JSONL'"
+  step 60 "bench_cc" bash -c "$PY -m benchmarks.bench_cc | tee -a '$JSONL'"
 fi
 step 240 "train compiled 8x3"          $BT --compile
 step 180 "eval compiled 32x1"          $BE --compile
@@ -108,7 +108,7 @@ step 90  "train eager 16x3 (memory)"   $BT --images 16 --no-flops
 step 90  "train eager 8x3 channels-last" $BT --channels-last --no-flops
 step 90  "train eager 8x3 at 1024 px"  $BT --resolution 1024 --no-flops
 # the one-GPU recipe's micro-batch (8 images, <= 24 expressions, trunk checkpointing): README "Fine-tuning on one GPU"
-step 90  "train 1gpu recipe 8x3 (memory)" $PY benchmarks/bench_train.py --config configs/rsam_b+_b_1gpu.yaml \
+step 90  "train 1gpu recipe 8x3 (memory)" $PY -m benchmarks.bench_train --config configs/rsam_b+_b_1gpu.yaml \
   --out $JSONL --no-flops ${BENCH_EXTRA:-}
 step 60  "eval eager 32x1 at 1024 px"  $BE --resolution 1024 --no-flops
 

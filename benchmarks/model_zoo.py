@@ -1,25 +1,21 @@
 """The README's model-zoo table: parameters, trainable parameters per fine-tuning preset, checkpoint sizes and the
 memory estimate of every SAM 2.1 size; prints one JSON object per line (one per size and preset).
 
-    python benchmarks/model_zoo.py                      # all sizes, presets, 800 px, 8 images / 24 expressions
-    python benchmarks/model_zoo.py --sizes tiny --no-memory
+    python -m benchmarks.model_zoo                      # all sizes, presets, 800 px, 8 images / 24 expressions
+    python -m benchmarks.model_zoo --sizes tiny --no-memory
 
 Built on the meta device (no weights). Checkpoint sizes are the tensor bytes of what the trainer writes:
 ``best.pt`` holds the model state (with LoRA: only the trained tensors), the resume ``checkpoint.pt`` adds two
-fp32 AdamW moments per trainable parameter. Memory: ``benchmarks/estimate_memory.py`` (method in its docstring)
+fp32 AdamW moments per trainable parameter. Memory: ``benchmarks.estimate_memory`` (method in its docstring)
 with activation checkpointing of the trunk, for one micro-batch of the paper's per-GPU size.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {"tiny": "configs/rsam_t_b.yaml", "small": "configs/rsam_s_b.yaml", "base_plus": "configs/rsam_b+_b.yaml",
            "large": "configs/rsam_l_b.yaml"}
@@ -51,7 +47,7 @@ def row(size: str, preset: str, memory: bool) -> dict:
            "best_pt_mib": round(sum(t.numel() * t.element_size() for t in state.values()) / MiB, 1),
            "resume_pt_mib": round((sum(t.numel() * t.element_size() for t in state.values()) + 8 * trainable) / MiB, 1)}
     if memory:
-        from estimate_memory import estimate
+        from benchmarks.estimate_memory import estimate
 
         est = estimate(CONFIGS[size], [*overrides, "trainer.activation_checkpointing=trunk"])
         out.update({"memory_gib_amp_estimated": est["estimate_gib_amp"],

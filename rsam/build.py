@@ -18,8 +18,10 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from rsam.checkpoint import Checkpoint, CheckpointError, load_weights, read_checkpoint
-from rsam.config import compose_config
+from rsam.checkpoint import Checkpoint, CheckpointError, StoredConfigError, build_stored, load_weights, read_checkpoint
+from rsam.checkpoint.stored_config import MODEL_TARGETS
+from rsam.config import compose_config, instantiate
+from rsam.errors import UserError
 
 __all__ = ["build_rsam", "build_from_checkpoint", "model_config", "config_differences", "ConfigMismatchError",
            "parameter_report", "ParameterReport"]
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 WeightsArg = Union[None, str, os.PathLike, Mapping, Checkpoint, Sequence[Union[str, os.PathLike, Mapping]]]
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """A checkpoint's weights do not fit the model of the given config; the message names the keys."""
 
 
@@ -44,7 +46,7 @@ def _as_config(config: Any, overrides: Sequence[str] = ()):
         # composed, not just loaded: configs such as rsam_b+_b_official.yaml build on another via `defaults:`
         return compose_config(path, overrides)
     if overrides:
-        raise ValueError("config overrides need a YAML config path")
+        raise UserError("config overrides need a YAML config path")
     if isinstance(config, DictConfig):
         return config
     if isinstance(config, Mapping):
@@ -63,10 +65,10 @@ def model_config(cfg_model: Any):
     where = str(cfg_model) if isinstance(cfg_model, (str, os.PathLike)) else "config"
     if "_target_" not in cfg:
         if "model" not in cfg:
-            raise KeyError(f"{where}: no `model:` node and no `_target_` at the top level")
+            raise UserError(f"{where}: no `model:` node and no `_target_` at the top level")
         cfg = cfg.model
     if "_target_" not in cfg:
-        raise KeyError(f"{where}: the model node has no `_target_`")
+        raise UserError(f"{where}: the model node has no `_target_`")
     return cfg
 
 
@@ -89,18 +91,28 @@ def build_rsam(
         mode: ``"eval"`` (default, for inference) or ``"train"``.
         take_sam_heads: for SAM 2.1 files, also take the prompt encoder and mask decoder.
     """
-    from hydra.utils import instantiate
-
     if mode not in ("eval", "train"):
         raise ValueError(f"build_rsam: mode must be 'eval' or 'train', got {mode!r}")
-    from hydra.errors import InstantiationException
+    model = instantiate(model_config(cfg_model), "the config's model node")
+    return _with_weights(model, checkpoint, device, strict, mode, take_sam_heads)
 
-    try:
-        model = instantiate(model_config(cfg_model), _convert_="all")
-    except InstantiationException as exc:  # the model's own message, not hydra's wrapper around it
-        if isinstance(exc.__cause__, (ValueError, TypeError, KeyError)):
-            raise exc.__cause__ from None
-        raise
+
+def _build_stored_model(ckpt: Checkpoint) -> nn.Module:
+    """The model node stored with ``ckpt``, built as data (:func:`rsam.checkpoint.build_stored`): only RSAM's
+    own model parts, never through Hydra."""
+    if ckpt.kind == "pretrained":
+        where, key = ckpt.extra.get("config_file", ckpt.source), "model"
+    else:
+        where, key = ckpt.source, "config.model"
+    node = ckpt.config["model"]
+    if node.get("_target_") != "rsam.modeling.rsam.RSAM":
+        raise StoredConfigError(f"{where}: key '{key}._target_': {node.get('_target_')!r} is not "
+                                "rsam.modeling.rsam.RSAM")
+    return build_stored(node, where, key, allowed=MODEL_TARGETS)
+
+
+def _with_weights(model: nn.Module, checkpoint: WeightsArg, device, strict: bool, mode: str,
+                  take_sam_heads: bool) -> nn.Module:
     if checkpoint is not None:
         for source in checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]:
             log.info("%s", load_weights(model, source, strict=strict, take_sam_heads=take_sam_heads))
@@ -143,13 +155,16 @@ def build_from_checkpoint(
     overrides: Sequence[str] = (),
     base: Optional[Sequence[Union[str, Mapping]]] = None,
     merge_adapters: bool = True,
+    revision: Optional[str] = None,
 ) -> Tuple[nn.Module, dict]:
     """Build the model a checkpoint was trained as and load its weights -> ``(model in eval mode, config dict)``.
 
     Args:
-        checkpoint: our checkpoint (its stored config is used), a pretrained directory (:mod:`rsam.pretrained`:
-            its config.json is used), or an official / bare RSAM state dict (then ``config`` is required); a
-            path or a :class:`rsam.checkpoint.Checkpoint` already read.
+        checkpoint: anything :func:`rsam.checkpoint.read_checkpoint` reads: our checkpoint (its stored config is
+            used), a pretrained directory or Hub repo id (its config.json is used), or an official / bare RSAM
+            state dict (then ``config`` is required); or a :class:`rsam.checkpoint.Checkpoint` already read. A
+            stored config is data: the model it describes is built from RSAM's own classes only
+            (:mod:`rsam.checkpoint.stored_config`); ``config`` is yours, and goes through Hydra.
         config: YAML path, dict or DictConfig replacing the stored config. Where its ``model`` node differs from
             the stored one, the differing keys are named: in a :class:`ConfigMismatchError` when the weights do
             not fit, in a warning when they do.
@@ -158,27 +173,29 @@ def build_from_checkpoint(
         base: for a checkpoint of a LoRA run (only the trained tensors): the base weights to load first, paths or
             ``{path, **load_weights options}``; default the run's own ``trainer.checkpoint.init``.
         merge_adapters: fold LoRA adapters into their linears (plain model keys and speed; same outputs).
+        revision: for a Hub repo id, the branch, tag or commit.
     """
-    from rsam.pretrained import is_pretrained_dir, read_pretrained  # a pretrained directory (rsam/pretrained.py)
-
-    ckpt = read_pretrained(checkpoint) if is_pretrained_dir(checkpoint) else read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, revision)
     stored = ckpt.config
     if config is None and stored is None:
-        raise ValueError(f"{ckpt.source} holds no config (an official or bare state dict): pass a config "
+        raise UserError(f"{ckpt.source} holds no config (an official or bare state dict): pass a config "
                          "(config=<YAML>, --config) describing the model")
     cfg = _plain(_as_config(config, overrides)) if config is not None else stored
     stored_in = ckpt.extra.get("config_file", ckpt.source)  # a pretrained directory: its config.json
     where = "the config" if config is not None else f"the config stored in {stored_in}"
     if not isinstance(cfg.get("model"), Mapping):
-        raise KeyError(f"{where} has no `model:` node")
+        raise UserError(f"{where} has no `model:` node")
     diffs = config_differences(stored["model"], cfg["model"]) if (config is not None and stored) else []
     listing = "\n  ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if ckpt.extra.get("trained_only"):
-        return _build_fine_tuned(ckpt, cfg, device, base, merge_adapters), cfg
+        return _build_fine_tuned(ckpt, cfg, config is None, device, base, merge_adapters), cfg
     try:
-        model = build_rsam(model_config(cfg), checkpoint=ckpt, device=device, mode="eval")
+        if config is None:
+            model = _with_weights(_build_stored_model(ckpt), ckpt, device, True, "eval", False)
+        else:
+            model = build_rsam(model_config(cfg), checkpoint=ckpt, device=device, mode="eval")
     except CheckpointError as exc:
         # the config keys first: they say why, the tensor list that follows says where
         detail = f"; its model node differs from the one stored in the checkpoint at:\n  {listing}\n" \
@@ -190,8 +207,10 @@ def build_from_checkpoint(
     return model, cfg
 
 
-def _build_fine_tuned(ckpt: Checkpoint, cfg: dict, device: torch.device, base, merge_adapters: bool) -> nn.Module:
-    """A LoRA run's checkpoint: base weights, the run's ``finetune`` section, then the trained tensors."""
+def _build_fine_tuned(ckpt: Checkpoint, cfg: dict, stored: bool, device: torch.device, base,
+                      merge_adapters: bool) -> nn.Module:
+    """A LoRA run's checkpoint: base weights, the run's ``finetune`` section, then the trained tensors.
+    ``stored``: ``cfg`` is the checkpoint's own config (built as data), not one the caller passed."""
     from rsam.checkpoint import initialise_from_pretrained
     from rsam.finetune import apply_finetune, load_trained_state_dict, merge_lora
 
@@ -201,7 +220,7 @@ def _build_fine_tuned(ckpt: Checkpoint, cfg: dict, device: torch.device, base, m
             log.warning("%s holds only fine-tuned tensors and its config names no base weights "
                         "(trainer.checkpoint.init): the rest of the model stays randomly initialised", ckpt.source)
     sources = [dict(s) if isinstance(s, Mapping) else {"path": str(s)} for s in base]
-    model = build_rsam(model_config(cfg))
+    model = _build_stored_model(ckpt) if stored else build_rsam(model_config(cfg))
     initialise_from_pretrained(model, sources)
     # the adapters' structure belongs to the checkpoint: its own finetune section, whatever config was passed
     model = apply_finetune(model, (ckpt.config or {}).get("finetune") or cfg.get("finetune"))

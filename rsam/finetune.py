@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from rsam.errors import UserError
+
 __all__ = ["FREEZE_PRESETS", "LORA_TARGETS", "LoraSpec", "FinetuneConfig", "apply_finetune", "freeze_parameters",
            "add_lora", "merge_lora", "trained_state_dict", "load_trained_state_dict", "finetune_config"]
 
@@ -67,24 +69,24 @@ def finetune_config(node: Union[None, Mapping, FinetuneConfig]) -> FinetuneConfi
     node = dict(node or {})
     unknown = set(node) - {"freeze", "lora"}
     if unknown:
-        raise ValueError(f"config section 'finetune': unknown keys {sorted(unknown)} (expected freeze, lora)")
+        raise UserError(f"config section 'finetune': unknown keys {sorted(unknown)} (expected freeze, lora)")
     lora = node.get("lora")
     if lora is not None:
         lora = dict(lora)
         bad = set(lora) - {"rank", "alpha", "dropout", "targets"}
         if bad:
-            raise ValueError(f"config section 'finetune.lora': unknown keys {sorted(bad)}")
+            raise UserError(f"config section 'finetune.lora': unknown keys {sorted(bad)}")
         lora = LoraSpec(**lora)
         unknown_targets = [t for t in lora.targets if t not in LORA_TARGETS]
         if unknown_targets or not lora.targets:
-            raise ValueError(f"finetune.lora.targets: {lora.targets} must be some of {list(LORA_TARGETS)}")
+            raise UserError(f"finetune.lora.targets: {lora.targets} must be some of {list(LORA_TARGETS)}")
         if lora.rank < 1:
-            raise ValueError(f"finetune.lora.rank must be >= 1, got {lora.rank}")
+            raise UserError(f"finetune.lora.rank must be >= 1, got {lora.rank}")
     freeze = node.get("freeze", "none")
     if freeze is None:
         freeze = "none"
     if isinstance(freeze, str) and freeze not in FREEZE_PRESETS:
-        raise ValueError(f"finetune.freeze: unknown preset {freeze!r}; presets: {list(FREEZE_PRESETS)} "
+        raise UserError(f"finetune.freeze: unknown preset {freeze!r}; presets: {list(FREEZE_PRESETS)} "
                          "(or give a list of parameter-name globs)")
     return FinetuneConfig(freeze=freeze if isinstance(freeze, str) else [str(p) for p in freeze], lora=lora)
 
@@ -98,7 +100,7 @@ def freeze_parameters(model: nn.Module, freeze: Union[str, List[str]]) -> List[s
             p.requires_grad_(False)
             frozen.append(name)
     if patterns and not frozen:
-        raise ValueError(f"finetune.freeze: {patterns} match no parameter of the model")
+        raise UserError(f"finetune.freeze: {patterns} match no parameter of the model")
     return frozen
 
 
@@ -162,11 +164,11 @@ def load_trained_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
     unexpected = sorted(set(state) - set(own))
     missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in state)
     if unexpected or missing:
-        raise KeyError(f"{source}: the trained tensors do not fit the model of its finetune config: "
+        raise UserError(f"{source}: the trained tensors do not fit the model of its finetune config: "
                        f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                        f"(e.g. {unexpected[:3]})")
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"{source}: shape mismatch for {bad[:3]} (e.g. {bad[0]}: checkpoint "
+        raise UserError(f"{source}: shape mismatch for {bad[:3]} (e.g. {bad[0]}: checkpoint "
                          f"{tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
     model.load_state_dict(dict(state), strict=False)

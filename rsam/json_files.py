@@ -5,21 +5,25 @@ import json
 import os
 from typing import Any, Dict, Union
 
+from rsam.errors import UserError
+
 __all__ = ["read_json_object"]
 
 
 def read_json_object(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The JSON object stored in ``path``.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` ("<path>: not valid JSON (...)" /
-    "<path>: must hold a JSON object, got <type>") for bad contents; callers re-raise as their own error types.
+    Raises ``FileNotFoundError`` for a missing file and :class:`UserError` ("<path>: not valid JSON (...)" /
+    "<path>: must hold a JSON object, got <type>") for bad contents.
     """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+        raise UserError(f"{path}: must hold a JSON object, got {type(value).__name__}")
     return value

@@ -2,8 +2,9 @@
 
 Hub model cards are Markdown with YAML front matter; the Hub reads ``library_name``, ``license``, ``tags``,
 ``pipeline_tag`` and ``datasets`` from it. The body says what the model is, how to load it, its metrics (when
-known), the training data, the recipe (read from the training config: resolution, architecture, tokenizer,
-epochs, batch size, learning rates) and the licence. Everything here is plain string formatting.
+known, with their metric convention), the training data, the recipe (read from the training config: resolution,
+architecture, tokenizer, epochs, batch size, learning rates) and the licence. Everything here is plain string
+formatting.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ MAX_METRIC_ROWS = 40
 def normalise_metrics(metrics: Optional[Mapping]) -> tuple[dict, dict]:
     """``(numbers, context)`` from a flat ``{name: number}`` dict or a ``training/eval.py`` metrics.json record.
 
-    Integers (counts) stay integers, fractions are shown with 4 decimals.
+    Integers (counts) stay integers; the card shows fractions as percentages (rsam/evaluation/metrics.py
+    ``format_metric_value``), ``config.json`` keeps them as they are.
 
     ``context`` holds split / convention / resolution / checkpoint when the record names them.
     """
@@ -35,6 +37,18 @@ def normalise_metrics(metrics: Optional[Mapping]) -> tuple[dict, dict]:
     inner = metrics.get("metrics") if isinstance(metrics.get("metrics"), Mapping) else metrics
     numbers = {str(k): v for k, v in inner.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return numbers, context
+
+
+def _convention(cfg: Mapping, context: Mapping) -> str:
+    """The metric convention of the card's numbers: the one the metrics record names (``training/eval.py``
+    records it), else "not recorded" with the one the training config validates with (``trainer.metric_convention``,
+    else the default of rsam/evaluation/metrics.py), which is what the run's own validation numbers used."""
+    if "convention" in context:
+        return str(context["convention"])
+    from rsam.evaluation.metrics import DEFAULT_CONVENTION
+
+    configured = _get(cfg, "trainer", "metric_convention")
+    return f"not recorded (the training config's is {configured or DEFAULT_CONVENTION})"
 
 
 def _yaml_list(values: Iterable[str]) -> str:
@@ -173,12 +187,14 @@ def render_model_card(
         "## Metrics", "",
     ]
     if numbers:
-        described = ", ".join(f"{k} {v}" for k, v in context.items())
-        if described:
-            lines += [f"Evaluation: {described}.", ""]
+        context = {**context, "convention": _convention(cfg, context)}
+        lines += ["Evaluation: " + ", ".join(f"{k} {v}" for k, v in context.items()) + ".", ""]
+        from rsam.evaluation.metrics import format_metric_value
+
+        lines += ["Rates in % (as RRSIS papers print them; `info.metrics` in config.json keeps fractions).", ""]
         lines += ["| metric | value |", "|---|---|"]
         shown = list(numbers.items())[:MAX_METRIC_ROWS]
-        lines += [f"| {k} | {v} |" if isinstance(v, int) else f"| {k} | {v:.4f} |" for k, v in shown]
+        lines += [f"| {k} | {format_metric_value(v)} |" for k, v in shown]
         if len(numbers) > MAX_METRIC_ROWS:
             lines.append(f"| ... | {len(numbers) - MAX_METRIC_ROWS} more in config.json (`info.metrics`) |")
     else:

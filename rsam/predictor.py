@@ -96,19 +96,22 @@ class RSAMPredictor:
         device: Union[None, str, torch.device] = None,
         vocab: Optional[str] = None,
         overrides: Sequence[str] = (),
+        revision: Optional[str] = None,
         **kwargs: Any,
     ) -> "RSAMPredictor":
         """Build the model and tokenizer described by a checkpoint and load its weights.
 
         Args:
-            checkpoint, config, device, overrides: see :func:`rsam.build.build_from_checkpoint`.
+            checkpoint: a training checkpoint, an official one (with ``config``), a pretrained directory or a
+                Hub repo id (with ``revision``): see :func:`rsam.checkpoint.read_checkpoint`.
+            config, device, overrides: see :func:`rsam.build.build_from_checkpoint`.
             vocab: tokenizer vocabulary, replacing the config's ``tokenizer.vocab``.
             **kwargs: passed to the constructor (``mask_threshold``, ``max_batch``).
         """
         from rsam.build import build_from_checkpoint
         from rsam.data.tokenizer import tokenizer_from_config
 
-        model, cfg = build_from_checkpoint(checkpoint, config, device, overrides)
+        model, cfg = build_from_checkpoint(checkpoint, config, device, overrides, revision=revision)
         where = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
         return cls(model, tokenizer_from_config(cfg, vocab, where), config=cfg, **kwargs)
 
@@ -137,12 +140,7 @@ class RSAMPredictor:
              revision: Optional[str] = None, **kwargs: Any) -> "RSAMPredictor":
         """Whatever ``source`` is: a checkpoint file (an official one with ``config``), a pretrained directory or
         a Hub repo id ("user/name"). ``kwargs``: as :meth:`from_checkpoint` (``vocab``, ``overrides``, ...)."""
-        from rsam.pretrained import looks_like_repo_id
-
-        if config is None and (looks_like_repo_id(source) or revision is not None):
-            return cls.from_pretrained(source, revision=revision, device=device,
-                                       **{k: v for k, v in kwargs.items() if k not in ("vocab", "overrides")})
-        return cls.from_checkpoint(source, config=config, device=device, **kwargs)
+        return cls.from_checkpoint(source, config=config, device=device, revision=revision, **kwargs)
 
     def save_pretrained(self, directory: Union[str, os.PathLike], **kwargs: Any):
         """Write the model and tokenizer as a pretrained directory (:func:`rsam.pretrained.save_pretrained`;

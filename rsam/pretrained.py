@@ -24,14 +24,17 @@ with ``huggingface_hub.snapshot_download`` into the standard HF cache (``HF_HUB_
 ``HF_HUB_OFFLINE=1`` a cached snapshot loads without any network access. The Hub functions need the optional
 extra ``pip install "rsam[hub]"`` (huggingface_hub).
 
-:func:`rsam.build.build_from_checkpoint` (and so ``training/eval.py --checkpoint DIR``, ``RSAMPredictor``
-and ``rsam-predict``) accepts a pretrained directory wherever it accepts a checkpoint file.
+This module writes and uploads; reading lives with every other weight format in
+:mod:`rsam.checkpoint.pretrained_dir`, behind :func:`rsam.checkpoint.read_checkpoint`, so that
+:func:`rsam.build.build_from_checkpoint` (and ``training/eval.py``, ``RSAMPredictor``, ``rsam-predict``,
+``rsam-export``, ``rsam-ui``, ``trainer.checkpoint.init``) accepts a pretrained directory or a Hub repo id
+wherever it accepts a checkpoint file. ``config.json`` is data: it is checked before use and never names what
+gets called (:mod:`rsam.checkpoint.stored_config`).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,28 +43,16 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from rsam.json_files import read_json_object
+from rsam.atomic_files import atomic_path, write_text_atomically
+from rsam.checkpoint.pretrained_dir import (CARD_NAME, CONFIG_NAME, FILES, FORMAT_VERSION, HUB_HINT, VOCAB_NAME,
+                                           WEIGHTS_NAME, PretrainedError, is_pretrained_dir, looks_like_repo_id,
+                                           read_pretrained, read_pretrained_config, resolve_pretrained)
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "VOCAB_NAME", "CARD_NAME", "FORMAT_VERSION", "PretrainedError",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "VOCAB_NAME", "CARD_NAME", "FILES", "FORMAT_VERSION", "PretrainedError",
            "save_pretrained", "load_pretrained", "read_pretrained", "is_pretrained_dir", "resolve_pretrained",
-           "read_model_source", "push_to_hub", "looks_like_repo_id"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-VOCAB_NAME = "vocab.txt"
-CARD_NAME = "README.md"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME, CARD_NAME)
-FORMAT_VERSION = 1
-# Hub repo ids: "namespace/name" (letters, digits, '-', '_', '.'; no '--' or '..', see the Hub rules). A bare
-# "name" is not accepted: it is far more likely a mistyped local path.
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_HUB_HINT = 'pip install "rsam[hub]" (huggingface_hub)'
+           "push_to_hub", "looks_like_repo_id"]
 
 PathLike = Union[str, os.PathLike]
-
-
-class PretrainedError(ValueError):
-    """A pretrained directory that cannot be used; the message names the file and the field."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -88,16 +79,6 @@ def _self_contained_model_node(node: dict) -> dict:
         inlined = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) and k not in text}
         node = dict(node, text_encoder={**inlined, **{k: v for k, v in text.items() if k != "config_path"}})
     return node
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _state_dict_for_safetensors(model: nn.Module) -> dict:
@@ -174,176 +155,16 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     tensors = _state_dict_for_safetensors(model)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={
-        "format": "pt", "rsam_format": str(FORMAT_VERSION)}))
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "rsam_format": str(FORMAT_VERSION)})
     if vocab_file.resolve() != (out / VOCAB_NAME).resolve():
-        _atomic_write(out / VOCAB_NAME, lambda p: shutil.copyfile(vocab_file, p))
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+        with atomic_path(out / VOCAB_NAME) as tmp:
+            shutil.copyfile(vocab_file, tmp)
+    write_text_atomically(out / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     n_params = sum(t.numel() for t in model.parameters())
-    text = render_model_card(cfg, record, metrics=metrics, num_params=n_params, **dict(card or {}))
-    _atomic_write(out / CARD_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    write_text_atomically(out / CARD_NAME, render_model_card(cfg, record, metrics=metrics, num_params=n_params,
+                                                             **dict(card or {})))
     return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# reading
-
-
-def _read_config_json(path: Path) -> dict:
-    try:
-        return read_json_object(path)
-    except ValueError as exc:
-        raise PretrainedError(str(exc)) from None
-
-
-def is_pretrained_dir(path: Any) -> bool:
-    """True for a directory that is (or claims to be) an RSAM pretrained directory, not an HF BERT directory.
-
-    A directory without ``config.json`` counts (loading it then names the missing file), as does one whose
-    ``config.json`` has ``rsam_format`` or a ``model`` node or is not valid JSON; a BERT ``config.json``
-    (``model_type``, no ``model``) does not.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return False
-    cfg = p / CONFIG_NAME
-    if not cfg.is_file():
-        return True
-    try:
-        record = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return True
-    return not isinstance(record, dict) or "rsam_format" in record or "model" in record
-
-
-def read_config(directory: PathLike) -> dict:
-    """``config.json`` of a pretrained directory, validated, with ``tokenizer.vocab`` made absolute."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"pretrained directory not found: {root}")
-    path = root / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an RSAM pretrained directory holds {', '.join(FILES[:3])} "
-                                "(write one with rsam-export or save_pretrained)")
-    record = _read_config_json(path)
-    version = record.get("rsam_format")
-    if version is None:
-        raise PretrainedError(f"{path}: field 'rsam_format' is missing (not an RSAM pretrained config)")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PretrainedError(f"{path}: field 'rsam_format' is {version!r}; this RSAM reads format "
-                              f"{FORMAT_VERSION} (upgrade rsam)")
-    model = record.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("_target_"), str):
-        raise PretrainedError(f"{path}: field 'model' must be an object with a '_target_' string")
-    tok = record.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("vocab"), str):
-        raise PretrainedError(f"{path}: field 'tokenizer' must be an object with a 'vocab' string")
-    vocab = Path(tok["vocab"])
-    vocab = vocab if vocab.is_absolute() else root / vocab
-    if not vocab.is_file():
-        raise FileNotFoundError(f"{vocab} not found (field 'tokenizer.vocab' of {path})")
-    record["tokenizer"] = dict(tok, vocab=str(vocab.resolve()))
-    return record
-
-
-def read_pretrained(directory: PathLike):
-    """A pretrained directory as a :class:`rsam.checkpoint.Checkpoint` (state dict + config).
-
-    ``source`` is the weights file, ``extra["config_file"]`` the config file (error messages name them).
-    """
-    from safetensors.torch import load_file
-
-    from rsam.checkpoint import Checkpoint
-
-    root = Path(directory).expanduser()
-    record = read_config(root)
-    weights = root / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [n for n in ("pytorch_model.bin", "model.pt", "model.pth") if (root / n).is_file()]
-        hint = (f"; it holds {pickled[0]}, but pretrained directories are read from safetensors only (no "
-                "pickle): re-export it with rsam-export") if pickled else ""
-        raise FileNotFoundError(f"{weights} not found{hint}")
-    try:
-        sd = load_file(str(weights), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types
-        raise PretrainedError(f"{weights}: not a readable safetensors file ({exc})") from None
-    if not sd:
-        raise PretrainedError(f"{weights}: holds no tensors")
-    config = {"model": record["model"], "tokenizer": record["tokenizer"]}
-    return Checkpoint(source=str(weights), state_dict=sd, config=config,
-                      extra={"config_file": str(root / CONFIG_NAME), "info": record.get("info") or {},
-                             "pretrained_dir": str(root)})
-
-
-def read_model_source(path: PathLike):
-    """A checkpoint file or a pretrained directory as a :class:`rsam.checkpoint.Checkpoint`."""
-    from rsam.checkpoint import read_checkpoint
-
-    return read_pretrained(path) if is_pretrained_dir(path) else read_checkpoint(path)
-
-
-def looks_like_repo_id(text: Any) -> bool:
-    """``"user/name"`` that is no existing path and has no file extension of a checkpoint."""
-    if not isinstance(text, str) or os.path.exists(os.path.expanduser(text)):
-        return False
-    if text.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) or "--" in text or ".." in text:
-        return False
-    return bool(_REPO_ID.match(text))
-
-
-def resolve_pretrained(
-    path_or_repo_id: PathLike,
-    revision: Optional[str] = None,
-    *,
-    cache_dir: Optional[PathLike] = None,
-    local_files_only: bool = False,
-    token: Any = None,
-) -> Path:
-    """A local pretrained directory, or the cached snapshot of a Hub repo (downloaded when needed).
-
-    Local directories are returned as they are (``revision`` must then be None). Repo ids go through
-    ``huggingface_hub.snapshot_download`` (``HF_HUB_OFFLINE=1`` or ``local_files_only``: the cache only).
-    """
-    local = Path(path_or_repo_id).expanduser()
-    if local.is_dir():
-        if revision is not None:
-            raise ValueError(f"{local} is a local directory: revision={revision!r} applies to Hub repo ids only")
-        return local
-    if local.exists():
-        raise PretrainedError(f"{local} is a file, not a pretrained directory; checkpoint files load with "
-                              "rsam.build.build_from_checkpoint / RSAMPredictor.from_checkpoint")
-    name = os.fspath(path_or_repo_id)
-    if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"{name}: no such directory, and not a Hub repo id ('namespace/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
-    except ImportError:
-        raise PretrainedError(f"{name}: not a local directory; loading Hub repo ids needs {_HUB_HINT}") from None
-    from rsam import __version__
-
-    try:
-        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                   token=token, allow_patterns=list(FILES), library_name="rsam",
-                                   library_version=__version__)
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"Hub repo {name}: revision {revision!r} not found") from None
-    except (RepositoryNotFoundError, GatedRepoError) as exc:
-        raise FileNotFoundError(f"Hub repo {name}: not found or not accessible ({type(exc).__name__}); no local "
-                                "directory of that name either") from None
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{name}: no such local directory, and Hub repo {name}"
-            + (f" (revision {revision})" if revision else "")
-            + " is not in the local HF cache and the Hub cannot be reached (offline: HF_HUB_OFFLINE=1 or no "
-            "network); download it once online, or point HF_HUB_CACHE / HF_HOME at a filled cache") from None
-    except Exception as exc:  # network failures, incomplete snapshots, ...: one line naming the repo
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FileNotFoundError(f"Hub repo {name}: cannot be fetched ({type(exc).__name__}: {text})") from None
-    return Path(folder)
 
 
 def load_pretrained(
@@ -362,8 +183,8 @@ def load_pretrained(
     """
     from rsam.build import build_from_checkpoint
 
-    directory = resolve_pretrained(path_or_repo_id, revision, **hub_kwargs)
-    return build_from_checkpoint(read_pretrained(directory), device=device)
+    return build_from_checkpoint(read_pretrained(resolve_pretrained(path_or_repo_id, revision, **hub_kwargs)),
+                                 device=device)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -394,11 +215,11 @@ def push_to_hub(
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise PretrainedError(f"push_to_hub needs {_HUB_HINT}") from None
+        raise PretrainedError(f"push_to_hub needs {HUB_HINT}") from None
     with tempfile.TemporaryDirectory(prefix="rsam_push_") as tmp:
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source).expanduser()
-            read_config(folder)  # a valid config and vocabulary ...
+            read_pretrained_config(folder)  # a valid config and vocabulary ...
             if not (folder / WEIGHTS_NAME).is_file():  # ... and weights, before anything goes over the network
                 raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found")
         elif hasattr(source, "save_pretrained") and hasattr(source, "tokenizer"):  # an RSAMPredictor

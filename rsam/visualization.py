@@ -9,7 +9,9 @@ So that the pictures read at a glance:
 * :func:`draw_masks` ``style="outline"`` draws only each mask's border (a coloured band inside the mask with a
   thin dark line just outside it) and leaves every other pixel as it is: an object keeps its own colour (a red
   outline over a yellow building does not turn it "orange"). ``side_by_side=True`` puts the untouched input
-  left of the overlay. ``style="fill"`` tints the inside as well.
+  left of the overlay. ``style="fill"`` tints the inside as well and keeps the dark line outside.
+* Mask colours are picked per picture (:func:`mask_colors`): each mask gets the palette colour farthest from the
+  pixels it covers, so a fill on a red ship is not red.
 * :func:`draw_errors` draws TP / FP / FN over a grey (desaturated, dimmed) copy of the image, so the legend
   colours cannot be confused with the scene (a red ship is not a false positive); ``side_by_side=True`` adds
   the colour input on the left.
@@ -27,26 +29,29 @@ if TYPE_CHECKING:  # comparison_panel works on tensors; everything else needs on
     import torch
 
 __all__ = ["PALETTE", "ERROR_COLORS", "STYLES", "Caption", "draw_masks", "draw_errors", "mask_to_png",
-           "comparison_panel", "greyed"]
+           "mask_colors", "comparison_panel", "greyed"]
 
 Color = Tuple[int, int, int]
 
-# Saturated colours that stay distinguishable on typical aerial imagery (greens, greys, browns).
+# Saturated colours that stay distinguishable on typical aerial imagery (greens, greys, browns). Red comes late:
+# red objects are common (the synthetic scenes of rsam/data/synthetic/scene.py have red ships and buildings),
+# and draw_masks picks, per mask, the palette colour farthest from the pixels it covers (mask_colors).
 PALETTE: Tuple[Color, ...] = (
-    (255, 48, 48),
-    (0, 160, 255),
+    (0, 220, 255),
+    (255, 0, 200),
     (255, 214, 0),
-    (200, 80, 255),
-    (0, 230, 140),
+    (150, 60, 255),
+    (140, 255, 0),
     (255, 128, 0),
-    (255, 80, 200),
-    (120, 255, 255),
+    (255, 48, 48),
+    (0, 90, 255),
 )
 MIN_WIDTH = 480  # pixels; smaller pictures are enlarged before the captions are drawn
 ERROR_COLORS = {"TP": (40, 220, 60), "FP": (255, 40, 40), "FN": (40, 120, 255)}
 STYLES = ("outline", "fill")
 HALO = (0, 0, 0)  # the thin line just outside an outline, so that it stands out on any background
 GAP = 6  # pixels between the panels of a side-by-side picture
+COLOR_SAMPLES = 4096  # mask pixels compared with each palette colour (a strided subset of larger masks)
 
 
 @dataclass
@@ -177,6 +182,35 @@ def _with_captions(picture: np.ndarray, rows: Sequence[Caption], title: str = ""
     return out
 
 
+def _color_distance(pixels: np.ndarray, color: Color) -> float:
+    """How far ``color`` is from most of ``pixels`` ((n, 3) float): the 10th percentile of a channel-weighted
+    RGB distance (green weighs most, as the eye sees it), so that a few odd pixels do not decide."""
+    weights = np.array([2.0, 4.0, 3.0], dtype=np.float32)
+    diff = pixels - np.asarray(color, dtype=np.float32)
+    return float(np.percentile(np.sqrt((diff * diff) @ weights), 10))
+
+
+def mask_colors(image: np.ndarray, masks: Sequence[np.ndarray], palette: Sequence[Color] = PALETTE,
+                taken: Sequence[Color] = ()) -> List[Color]:
+    """One colour per mask that stands out on what the mask covers: the palette colour farthest from the mask's
+    pixels, among those no earlier mask (nor ``taken``) uses while unused ones remain; an empty mask gets the
+    first unused one. Deterministic (a fixed stride subsamples large masks)."""
+    _check(image, masks)
+    used: List[Color] = [tuple(c) for c in taken]
+    out: List[Color] = []
+    for mask in masks:
+        free = [tuple(c) for c in palette if tuple(c) not in used] or [tuple(c) for c in palette]
+        pixels = image[np.asarray(mask, dtype=bool)]
+        if len(pixels) == 0:
+            choice = free[0]
+        else:
+            pixels = pixels[:: max(1, len(pixels) // COLOR_SAMPLES)].astype(np.float32)
+            choice = max(free, key=lambda c: _color_distance(pixels, c))  # ties keep the palette order
+        used.append(choice)
+        out.append(choice)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # public drawing functions
 
@@ -195,11 +229,11 @@ def draw_masks(
     Args:
         image: uint8 (H, W, 3).
         masks: bool (H, W) each; an empty mask draws nothing (e.g. a "no target" prediction).
-        captions: one per mask (its ``color`` is used; None picks from ``PALETTE``).
+        captions: one per mask (its ``color`` is used; None: :func:`mask_colors` picks one).
         alpha: tint opacity inside the mask (``style="fill"``).
         title: optional first caption line (e.g. the file name).
-        style: ``"fill"``: tint inside + outline; ``"outline"``: only a coloured band of about H/150 px inside
-            each mask's border and a 1-px dark line outside it, every other pixel equal to the input.
+        style: ``"fill"``: tint inside + outline + a 1-px dark line outside; ``"outline"``: only a coloured
+            band of about H/150 px inside each mask's border and the dark line, every other pixel as in the input.
         side_by_side: the untouched input on the left, the overlay on the right ((H, 2W + 6) picture).
     """
     if style not in STYLES:
@@ -210,16 +244,17 @@ def draw_masks(
     canvas = image.astype(np.float32)
     thickness = max(1, round(min(h, w) / 300)) if style == "fill" else max(2, round(min(h, w) / 150))
     outlines = []
-    captions = [c if c.color is not None else Caption(c.text, PALETTE[i % len(PALETTE)], c.detail)
-                for i, c in enumerate(captions)]
+    if any(c.color is None for c in captions):
+        picked = mask_colors(image, masks, taken=[c.color for c in captions if c.color is not None])
+        captions = [c if c.color is not None else Caption(c.text, color, c.detail)
+                    for c, color in zip(captions, picked)]
     for mask, cap in zip(masks, captions):
         mask = np.asarray(mask, dtype=bool)
         if style == "fill":
             _tint(canvas, mask, cap.color, alpha)
         outlines.append((mask, _boundary(mask, thickness), cap.color))
-    if style == "outline":  # halos first: a neighbouring mask's outline is never hidden by a halo
-        for mask, _, _ in outlines:
-            canvas[_outer_ring(mask)] = HALO
+    for mask, _, _ in outlines:  # halos first: a neighbouring mask's outline is never hidden by a halo
+        canvas[_outer_ring(mask)] = HALO
     for _, edge, color in outlines:  # outlines last, so an overlapping tint never hides a border
         canvas[edge] = color
     picture = canvas.round().astype(np.uint8)

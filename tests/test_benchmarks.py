@@ -1,4 +1,4 @@
-"""Benchmark harness (benchmarks/bench_train.py, bench_eval.py): FLOP counting, peak table, CPU smoke runs.
+"""Benchmark harness (benchmarks.bench_train, benchmarks.bench_eval): FLOP counting, peak table, CPU smoke runs.
 
 The smoke runs use the demo model (configs/rsam_demo_cpu.yaml) at 64 px with a handful of steps; the GPU
 numbers come from benchmarks/gpu_session.sh on a GPU.
@@ -19,18 +19,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 
 
-def load_script(name: str):
-    """benchmarks/<name>.py as a module. They are scripts, not a package: registered under their own names,
-    as `python benchmarks/<name>.py` would find them (bench_*.py import _bench_utils)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def load_benchmark(name: str):
+    """``benchmarks.<name>`` of this checkout. The package is run from the repository root, not installed, so
+    it is registered from its folder (by file location, not by search path) the first time."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("benchmarks", os.path.join(BENCH, "__init__.py"),
+                                                      submodule_search_locations=[BENCH])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
-U = load_script("_bench_utils")
+def run_benchmark(name: str, args: list, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.<name> ARGS`` from the repository root, as the README runs them."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+U = load_benchmark("_bench_utils")
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "rsam_demo_cpu.yaml")
 SMOKE = ["--config", DEMO_CONFIG, "--resolution", "64", "--warmup", "1", "--iters", "2", "--tokens", "8",
@@ -117,7 +124,7 @@ def _check_record(record: dict, bench: str, images: int, exprs: int) -> None:
 
 
 def test_bench_train_and_eval_smoke(capsys):
-    bench_eval, bench_train = load_script("bench_eval"), load_script("bench_train")
+    bench_eval, bench_train = load_benchmark("bench_eval"), load_benchmark("bench_train")
 
     train = bench_train.main(SMOKE + ["--images", "2", "--exprs-per-image", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -138,9 +145,8 @@ def test_bench_train_and_eval_smoke(capsys):
 
 def test_bench_eval_cli_profile_and_out(tmp_path):
     out, prof = tmp_path / "bench.jsonl", tmp_path / "profile.txt"
-    cmd = [sys.executable, os.path.join(BENCH, "bench_eval.py")] + SMOKE + [
-        "--images", "2", "--channels-last", "--out", str(out), "--profile", str(prof)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark("bench_eval", SMOKE + ["--images", "2", "--channels-last", "--out", str(out),
+                                                "--profile", str(prof)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout
@@ -153,15 +159,14 @@ def test_bench_eval_cli_profile_and_out(tmp_path):
 
 
 def test_bench_bad_config_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, os.path.join(BENCH, "bench_train.py"), "--config", str(tmp_path / "nope.yaml")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = run_benchmark("bench_train", ["--config", str(tmp_path / "nope.yaml")], timeout=60)
     assert proc.returncode != 0
     assert "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_predict_smoke(capsys):
-    """benchmarks/bench_predict.py: rsam-predict over a folder at batch 1 and 2 (3 images of 64 px)."""
-    bench_predict = load_script("bench_predict")
+    """benchmarks.bench_predict: rsam-predict over a folder at batch 1 and 2 (3 images of 64 px)."""
+    bench_predict = load_benchmark("bench_predict")
     threads = torch.get_num_threads()
     try:
         record = bench_predict.main(["--images", "3", "--size", "64", "--resolution", "64", "--batch-sizes", "1,2",
@@ -178,23 +183,20 @@ def test_bench_predict_smoke(capsys):
 
 
 def test_bench_data_times_a_dataset_on_disk(tmp_path):
-    """`bench_data.py --data-root` reads the user's dataset (here a small synthetic RISBench) instead of generating
+    """`benchmarks.bench_data --data-root` reads the user's dataset (here a small synthetic RISBench) instead of generating
     one, and prints one JSON line counting the samples it timed."""
     from rsam.data.synthetic import generate
 
     generate(str(tmp_path), 6, 64, seed=0, val_fraction=0.0, test_fraction=0.0, format="risbench")
-    run = subprocess.run([sys.executable, os.path.join(BENCH, "bench_data.py"), "--format", "risbench",
-                          "--data-root", str(tmp_path), "--resolution", "64", "--iters", "8", "--batch-size", "4",
-                          "--warmup-batches", "1"], capture_output=True, text=True, timeout=300)
+    run = run_benchmark("bench_data", ["--format", "risbench", "--data-root", str(tmp_path), "--resolution", "64",
+                                       "--iters", "8", "--batch-size", "4", "--warmup-batches", "1"], timeout=300)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out["format"] == "risbench" and out["data_root"] == str(tmp_path) and out["samples"] == 8
     assert out["samples_per_s_per_worker"] > 0 and out["generate_s"] == 0.0
-    from rsam.data.readers import png
-    assert out["png_decoder"] == png.DECODER
-    missing = subprocess.run([sys.executable, os.path.join(BENCH, "bench_data.py"), "--format", "risbench",
-                              "--data-root", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
+    missing = run_benchmark("bench_data", ["--format", "risbench", "--data-root", str(tmp_path / "nowhere")],
+                            timeout=300)
     assert missing.returncode == 1 and "nowhere: not a risbench dataset" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -23,6 +23,7 @@ from rsam.checkpoint import (
     detect_format,
     load_weights,
 )
+from rsam.errors import UserError
 
 LOGGER = "rsam.checkpoint.weights"
 
@@ -322,7 +323,7 @@ def test_bad_paths_and_configs(tiny, tmp_path):
             load_weights(tiny, garbage)
     with pytest.raises(CheckpointError, match="state dict"):
         load_weights(tiny, {"model": {}})
-    with pytest.raises(KeyError, match="model"):
+    with pytest.raises(UserError, match="model"):
         model_config({"trainer": {}})
 
 

@@ -14,7 +14,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from built_extensions import require_built
 from rsam.data.batch import Batch, Collator, ImageSample, cap_expressions
 from rsam.data.dataset import ReferringDataset
 from rsam.data.errors import DataError
@@ -267,42 +266,28 @@ def _test_masks() -> List[np.ndarray]:
         out.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
     out.append(rng.random((7, 1)) > 0.5)
     out.append(rng.random((20, 30)) > 0.7)
-    out.append(rng.random((64, 64)) > 0.5)  # ~2000 runs: longer than FAST_RLE_MAX_CHARS, pycocotools path
+    out.append(rng.random((64, 64)) > 0.5)  # ~2000 runs
     return out
 
 
-@pytest.fixture(params=["extension", "numpy"])
-def rle_decoder(request, monkeypatch):
-    """Runs a test with rsam._rle decoding compressed RLEs (where built), and again with the numpy fallback."""
-    from rsam.data import rle
-
-    if request.param == "extension":
-        require_built(rle._rle, "rsam._rle")
-    else:
-        monkeypatch.setattr(rle, "_rle", None)
-    return request.param
-
-
-def test_rle_decoder_matches_pycocotools(tmp_path, rle_decoder):
+def test_rle_decoder_matches_pycocotools(tmp_path):
     from rsam.data.readers import Annotation
     from rsam.data.readers.risors import RISORSReader
-    from rsam.data.rle import FAST_RLE_MAX_CHARS, decode_rles, fill_rle, rle_counts
+    from rsam.data.rle import check_rle, decode_rles
 
     masks = _test_masks()
     rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
-    assert len(rles[-1]["counts"]) > FAST_RLE_MAX_CHARS and len(rles[-2]["counts"]) < FAST_RLE_MAX_CHARS
     for m, rle in zip(masks, rles):
         ref = mask_utils.decode(rle).astype(bool)
         assert np.array_equal(ref, m)
-        out = np.zeros(m.shape, bool)
-        fill_rle(rle_counts(rle["counts"]), out)
-        assert np.array_equal(out, ref), f"{m.shape} mask decoded differently from pycocotools"
+        assert check_rle(rle["counts"], *m.shape) == int(mask_utils.area(rle)) == int(m.sum())
         for counts in (rle["counts"], rle["counts"].decode()):
             decoded = decode_rles([{"size": list(m.shape), "counts": counts}] * 2, *m.shape)
-            assert decoded.dtype == bool and np.array_equal(decoded, np.stack([ref, ref])), f"{m.shape} {rle_decoder}"
+            assert decoded.dtype == bool and decoded.flags.c_contiguous, m.shape
+            assert np.array_equal(decoded, np.stack([ref, ref])), f"{m.shape} mask decoded differently"
     (tmp_path / "JPEGImages").mkdir()
     reader = RISORSReader(str(tmp_path), split=None)  # an empty image folder is enough to decode masks
-    for shape in ((64, 48), (64, 64)):  # ellipses (fast path); the 64x64 noise mask (pycocotools path)
+    for shape in ((64, 48), (64, 64)):  # ellipses; the 64x64 noise mask
         group = [(m, r) for m, r in zip(masks, rles) if m.shape == shape]
         anns = [Annotation(i, "x", "c", 1.0, {"size": list(shape), "counts": r["counts"]}) for i, (_, r) in enumerate(group)]
         decoded = reader.decode_masks("img", anns, shape)
@@ -322,6 +307,58 @@ def test_rle_decoder_matches_pycocotools(tmp_path, rle_decoder):
     with pytest.raises(DataError, match=r"img\.json: annotations\[5\]\.segmentation\.size \[37, 54\] != image size "
                                         r"\[37, 53\]"):
         reader.decode_masks("img", mixed, (37, 53))
+
+
+def test_rle_checks_say_what_is_wrong_before_pycocotools_reads_anything():
+    from rsam.data.rle import check_rle, check_size, encode_rle, polygons_to_rle
+
+    good = _rle(_box((4, 4), 1, 1, 2, 2))["counts"]
+    with pytest.raises(ValueError, match=r"character b'\\x00' at position 2 is not in the RLE alphabet"):
+        check_rle("1c\u0000" + "1" * 3000, 64, 64)  # issue 28: pycocotools wrote past its buffer
+    strings = {
+        "1" * 200: "the counts string has 200 characters, more than any 16-pixel mask needs",
+        good + "é": r"character 'é' at position \d+ is not in the RLE alphabet",
+        good[:-1] + "P": "the last value is not terminated",
+        "": "the counts string is empty",
+        "0" + "P" * 7 + "0": "value 1 spans 8 characters",
+        "01": "the runs add up to 1 pixels, a 4x4 mask has 16",  # short: pycocotools left the rest unwritten
+        "0O": r"run 1 is negative \(-1\)",
+    }
+    for counts, message in strings.items():
+        with pytest.raises(ValueError, match=message):
+            check_rle(counts, 4, 4)
+    lists = (([16, True], r"counts\[1\] = True is not a run length"), ([3.0, 13], r"counts\[0\]"),
+             ([5, -1, 12], r"counts\[1\] = -1"), ([5, 10], "add up to 15 pixels"),
+             (12345, "counts must be a string or a list of run lengths, got int"))
+    for counts, message in lists:
+        with pytest.raises(ValueError, match=message):
+            check_rle(counts, 4, 4)
+    assert check_rle(good, 4, 4) == check_rle(good.encode(), 4, 4) == check_rle([5, 2, 2, 2, 5], 4, 4) == 4
+    for size, message in (([0, 4], "two positive integers"), ([True, 4], "two positive"), ("44", "two positive"),
+                          ([100_000, 100_000], "over the limit of 67108864 pixels")):
+        with pytest.raises(ValueError, match=message):
+            check_size(size)
+    polygons = (([[0, 0, 3, 0, 3]], "polygon 0 must be a list of at least 3"), ([[0, 0, 3, 0]], "at least"),
+                ([[0, 0, 3, float("nan"), 3, 3]], "polygon 0 has a coordinate"),
+                ([[0, 0, 3, 0, 3, 1e9]], "polygon 0 has a coordinate"),
+                ([[0, 0, 16, 16] * 300], r"outlines are 9600 px long, over 1000 x \(height \+ width\)"))
+    for polygon, message in polygons:
+        with pytest.raises(ValueError, match=message):
+            polygons_to_rle(polygon, 4, 4)
+    square = mask_utils.decode(polygons_to_rle([[0.5, 0.5, 2.5, 0.5, 2.5, 2.5, 0.5, 2.5]], 4, 4)).astype(bool)
+    assert square.sum() > 0 and encode_rle(square) == _rle(square)
+
+
+def test_a_bad_rle_record_is_reported_and_the_others_kept(tmp_path):
+    bad = _record(_box(), "broken", "x")
+    bad["segmentation"]["counts"] = bad["segmentation"]["counts"][:3] + "\u0000" + bad["segmentation"]["counts"][3:]
+    _write(tmp_path, "img", [_record(_box(), "fine", "x"), bad, _record(_box(y=20), "also fine", "x")])
+    _split(tmp_path, "val", ["img"])
+    with pytest.raises(DataError, match=r"img\.json: annotations\[1\]\.segmentation\.counts: character b'\\x00' "
+                                        "at position 3 is not in the RLE alphabet"):
+        ReferringDataset(str(tmp_path), "val")[0]
+    ds = ReferringDataset(str(tmp_path), "val", resolution=32, skip_bad_samples=True)
+    assert ds[0].descriptions == ["fine", "also fine"] and ds.bad_sample_counts()["field"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ negatives

@@ -75,7 +75,7 @@ def test_export_training_checkpoint(trained, capsys):
     assert record["info"]["epoch"] == best["epoch"] and record["info"]["source_checkpoint"] == "best.pt"
     assert record["info"]["metrics"]["metrics"]["mIoU"] == pytest.approx(best["best"]["mIoU"])
     card = (out / CARD_NAME).read_text()
-    assert "# RSAM tiny demo" in card and f"| mIoU | {best['best']['mIoU']:.4f} |" in card
+    assert "# RSAM tiny demo" in card and f"| mIoU | {100 * best['best']['mIoU']:.2f} % |" in card
     assert "Evaluation: split val" in card and "data (risors format)" in card  # data from the training config
 
     # --metrics: an eval.py metrics.json replaces the validation number; --force to overwrite
@@ -87,7 +87,7 @@ def test_export_training_checkpoint(trained, capsys):
     assert main(["--checkpoint", str(trained["best"]), "--out", str(out), "--metrics", str(metrics),
                  "--force"]) == 0
     card = (out / CARD_NAME).read_text()
-    assert "| mIoU | 0.4321 |" in card and "| num_expressions | 12 |" in card and "split test" in card
+    assert "| mIoU | 43.21 % |" in card and "| num_expressions | 12 |" in card and "split test" in card
 
 
 def test_export_official_state_dict_with_config(tmp_path, capsys):

@@ -1,11 +1,12 @@
 """rsam.data.readers.pictures: dataset picture files decoded to the pixels PIL reads, whichever decoder runs.
 
-8-bit RGB and 8-bit grey PNGs go through png.py for speed (rsam._png + ISA-L, or libspng without the extension),
-colour JPEGs through simplejpeg, every other kind through PIL; these tests hold every path to PIL's pixels,
-check which path runs, and that corrupt files are errors naming the file.
+Colour JPEGs go through simplejpeg, every other kind through PIL; these tests hold both paths to PIL's pixels,
+check which path runs, that corrupt files are errors naming the file, and that the size PIL's header gives is
+the size decoded (the pixel limit, a JPEG whose second frame header says another size).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import zlib
 
@@ -14,9 +15,9 @@ import pytest
 from PIL import Image
 
 from rsam.data.errors import DataError
-from rsam.data.readers import pictures, png
+from rsam.data import limits
+from rsam.data.readers import pictures
 from rsam.data.readers.pictures import decode_rgb, decode_values, open_picture
-from built_extensions import require_built
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
@@ -79,22 +80,6 @@ MASKS = {
     "grey16": lambda: _png(Image.fromarray(GREY.astype(np.uint16) * 257)),
     "rgb": lambda: _png(Image.fromarray(np.dstack([GREY] * 3))),
 }
-FAST_IMAGES, FAST_MASKS = {"rgb", "rgb_colour_key", "rgb_level_0"}, {"grey", "grey_colour_key"}
-
-
-@pytest.fixture(params=["extension", "libspng"])
-def png_calls(request, monkeypatch):
-    """The channels of each png.decode_png call; run once with rsam._png (where built) and once without."""
-    if request.param == "extension":
-        require_built(png._png, "rsam._png")
-    else:
-        monkeypatch.setattr(png, "_png", None)
-    calls = []
-    monkeypatch.setattr(pictures, "decode_png", lambda data, channels: calls.append(channels)
-                        or png.decode_png(data, channels))
-    return calls
-
-
 @pytest.fixture
 def simplejpeg_results(monkeypatch):
     """'ok' or 'raised' for each simplejpeg.decode_jpeg call."""
@@ -115,29 +100,27 @@ def simplejpeg_results(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", sorted(IMAGES))
-def test_images_decode_to_pils_rgb_pixels(kind, png_calls, simplejpeg_results):
+def test_images_decode_to_pils_rgb_pixels(kind, simplejpeg_results):
     data = IMAGES[kind]()
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     pixels = decode_rgb(open_picture("x/img", data, "image"))
     assert np.asarray(pixels).dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(pixels), expected)
-    assert png_calls == ([3] if kind in FAST_IMAGES else [])
     # grey / CMYK JPEGs: PIL only; a damaged one: simplejpeg refused it, PIL decoded it
     assert simplejpeg_results == (["ok"] if kind in SIMPLEJPEG_JPEGS else
                                   ["raised"] if kind == "jpeg_damaged_inside" else [])
-    if kind in FAST_IMAGES | SIMPLEJPEG_JPEGS:  # an array the transforms may own (black boxes are painted in place)
+    if kind in SIMPLEJPEG_JPEGS:  # an array the transforms may own (black boxes are painted in place)
         assert pixels.flags.writeable and pixels.flags.c_contiguous
 
 
 @pytest.mark.parametrize("kind", sorted(MASKS))
-def test_masks_decode_to_pils_stored_values(kind, png_calls):
+def test_masks_decode_to_pils_stored_values(kind):
     data = MASKS[kind]()
     image = Image.open(io.BytesIO(data))
     expected = np.asarray(image.convert("L") if image.mode == "P" else image)
     values = decode_values(open_picture("x/mask.png", data, "mask"))
     assert values.dtype == expected.dtype
     np.testing.assert_array_equal(values, expected)
-    assert png_calls == ([1] if kind in FAST_MASKS else [])
 
 
 def _corrupt_idat(data: bytes) -> bytes:
@@ -152,7 +135,7 @@ def _corrupt_idat(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 @pytest.mark.parametrize("which", ["image", "mask"])
-def test_damaged_pngs_are_data_errors_naming_the_file(which, damage, png_calls):
+def test_damaged_pngs_are_data_errors_naming_the_file(which, damage):
     data = IMAGES["rgb"]() if which == "image" else MASKS["grey"]()
     data = data[: len(data) // 2] if damage == "truncated" else _corrupt_idat(data)
     picture = open_picture(f"root/{which}s/0001.png", data, which)  # the header still reads
@@ -181,3 +164,25 @@ def test_a_truncated_jpeg_is_a_data_error_naming_the_file(simplejpeg_results):
     with pytest.raises(DataError, match="root/images/0001.jpg: corrupt image data"):
         decode_rgb(picture)
     assert simplejpeg_results == ["raised"]
+
+
+@pytest.mark.parametrize("lower", ["project", "pil"])
+def test_pictures_over_the_pixel_limit_are_refused_before_decoding(lower, monkeypatch):
+    data = IMAGES["rgb"]()  # 53 x 37 = 1961 pixels
+    if lower == "project":
+        monkeypatch.setattr(limits, "MAX_PICTURE_PIXELS", 1960)
+    else:  # PIL's own guard, set lower than the project's limit, is the limit
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1960)
+    pil_warns = pytest.warns(Image.DecompressionBombWarning) if lower == "pil" else contextlib.nullcontext()
+    with pil_warns, pytest.raises(DataError, match=r"root/a.png: image of 53x37 pixels is over the limit of 1960 "):
+        open_picture("root/a.png", data, "image")
+    monkeypatch.setattr(limits, "MAX_PICTURE_PIXELS", 1961)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1961)
+    assert open_picture("root/a.png", data, "image").width == 53
+
+
+def test_simplejpeg_runs_only_where_its_header_gives_pils_size(monkeypatch, simplejpeg_results):
+    data = JPEGS["jpeg_baseline"]()  # 64 x 48
+    monkeypatch.setattr(pictures.simplejpeg, "decode_jpeg_header", lambda d: (4800, 6400, "YCbCr", "420"))
+    pixels = decode_rgb(open_picture("x/img.jpg", data, "image"))
+    assert simplejpeg_results == [] and isinstance(pixels, Image.Image) and pixels.size == (64, 48)

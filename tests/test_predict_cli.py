@@ -9,6 +9,7 @@ the 2-98 % stretch; GeoTIFF in -> GeoTIFF masks with the same georeference (rast
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -103,11 +104,11 @@ def test_texts_files_json_and_csv(setup, tmp_path, capsys):
     csv_file.write_text(f"image,expression\nscene_03.png,the red ship\nscene_03.png,a vehicle\n"
                         f"{folder / 'scene_04.png'},\"the building, left\"\n", encoding="utf-8")
     out = tmp_path / "csv"
-    # scene_05 has no expressions: it fails (exit 1) and is named; the others are written
+    # scene_05 is not named in the texts file: skipped with one summary line, not a failure
     assert run(setup, out, "--texts-file", str(csv_file), images=[str(folder / f"scene_0{i}.png")
-                                                                  for i in (3, 4, 5)]) == 1
-    err = capsys.readouterr().err
-    assert "scene_05.png: no expressions for this image" in err and "1 of 3 image(s) failed" in err
+                                                                  for i in (3, 4, 5)]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 3 image(s) are not named in" in captured.out and "failed" not in captured.err
     got = [(Path(r["image"]).name, r["expression"]) for r in read_jsonl(out)]
     assert got == [("scene_03.png", "the red ship"), ("scene_03.png", "a vehicle"),
                    ("scene_04.png", "the building, left")]
@@ -171,6 +172,90 @@ def test_usage_errors_exit_2(setup, tmp_path, capsys, monkeypatch):
     usage("--batch-size must be >= 1", "--text", "x", "--batch-size", "0")
     usage("overrides need --config", "--text", "x", "model.image_size=32")
     usage("invalid choice", "--text", "x", "--overlay-style", "glow")  # argparse's own message
+
+
+def _rsam_predict(setup, *argv, cwd=None):
+    command = [str(Path(sys.executable).parent / "rsam-predict"), "--checkpoint", str(setup["ckpt"]), "--device",
+               "cpu", "--no-progress", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=str(cwd or REPO))
+
+
+def test_texts_file_chooses_the_images_and_names_only_some(setup, tmp_path):
+    """rsam-predict: a texts file naming some images of a folder runs those (exit 0, one summary line); without
+    --image the texts file's keys are the images."""
+    folder = setup["folder"]
+    texts = tmp_path / "texts.csv"
+    texts.write_text(f"image,expression\n{folder / 'scene_01.png'},the red ship\nscene_02.png,a vehicle\n")
+    (tmp_path / "scene_02.png").write_bytes((folder / "scene_02.png").read_bytes())  # beside the texts file
+    some = _rsam_predict(setup, "--image", str(folder), "--texts-file", str(texts), "--out", str(tmp_path / "a"))
+    assert some.returncode == 0, some.stderr[-2000:]
+    assert f"{len(SIZES) - 2} of {len(SIZES)} image(s) are not named in {texts}" in some.stdout
+    assert sorted(Path(r["image"]).name for r in read_jsonl(tmp_path / "a")) == ["scene_01.png", "scene_02.png"]
+    alone = _rsam_predict(setup, "--texts-file", str(texts), "--out", str(tmp_path / "b"))
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert [r["image"] for r in read_jsonl(tmp_path / "b")] == [str(folder / "scene_01.png"),
+                                                                str(tmp_path / "scene_02.png")]
+
+
+def test_out_that_is_a_file_and_a_failed_run_keeps_the_previous_results(setup, tmp_path):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    proc = _rsam_predict(setup, "--image", str(setup["folder"] / "scene_00.png"), "--text", "x",
+                         "--out", str(a_file))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"rsam-predict: error: --out {a_file} is a file; give a folder (it is created when missing)"]
+    assert a_file.read_text() == "keep me"
+    out = tmp_path / "out"
+    assert _rsam_predict(setup, "--image", str(setup["folder"] / "scene_00.png"), "--text", TEXTS[0],
+                         "--out", str(out)).returncode == 0
+    before = (out / JSONL).read_text()
+    killed = _rsam_predict(setup, "--image", str(setup["folder"]), "--text", TEXTS[0], "--out", str(out),
+                           "--device", "nosuch")  # refused before anything is written
+    assert killed.returncode == 2 and (out / JSONL).read_text() == before
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A 140-byte PNG whose header declares ``width`` x ``height`` RGB pixels (its data holds one row)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_oversized_image_is_one_refusal_and_the_rest_is_written(setup, tmp_path):
+    """A picture whose header declares more pixels than the limit is refused before decoding, named in one line;
+    the other images of the folder are still written (exit 1), in scene mode's automatic choice as well."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        (folder / name).write_bytes((setup["folder"] / "scene_00.png").read_bytes())
+    _png_declaring(folder / "b_bomb.png", 20000, 20000)
+    for mode in ([], ["--no-scene"]):
+        out = tmp_path / f"out{len(mode)}"
+        proc = _rsam_predict(setup, "--image", str(folder), "--text", TEXTS[0], "--out", str(out), "--quiet", *mode)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        refused = [line for line in proc.stderr.splitlines() if "b_bomb.png" in line]
+        assert len(refused) == 1 and "400000000 pixels" in refused[0] and "Traceback" not in proc.stderr
+        assert sorted(Path(r["image"]).name for r in read_jsonl(out)) == ["a.png", "c.png"]
+    if importlib.util.find_spec("rasterio") is None:
+        return
+    import rasterio
+
+    sparse = tmp_path / "sparse" / "huge.tif"  # a few KB on disk, 30000 x 30000 x 3 declared
+    sparse.parent.mkdir()
+    with rasterio.open(sparse, "w", driver="GTiff", width=30000, height=30000, count=3, dtype="uint8", tiled=True,
+                       compress="deflate", sparse_ok=True):
+        pass
+    proc = _rsam_predict(setup, "--image", str(sparse), str(folder / "a.png"), "--text", TEXTS[0], "--no-scene",
+                         "--out", str(tmp_path / "tiff"), "--quiet")
+    assert proc.returncode == 1 and "huge.tif: 30000 x 30000 px is over the" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_as_a_process_exit_statuses(setup, tmp_path):

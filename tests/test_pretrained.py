@@ -91,7 +91,7 @@ def test_directory_layout_no_pickle_and_card(setup):
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "rsam" and front["license"] == "apache-2.0"
     assert {"rsam", "remote-sensing", "referring-image-segmentation"} <= set(front["tags"])
-    for text in ("# RSAM tiny", "| mIoU | 0.5123 |", "Synthetic scenes.", "## Recipe", "network resolution | 64 px",
+    for text in ("# RSAM tiny", "| mIoU | 51.23 % |", "Synthetic scenes.", "## Recipe", "network resolution | 64 px",
                  "## Licence", "from_pretrained"):
         assert text in card, text
 

@@ -297,6 +297,50 @@ def test_refer_bad_ref_fields_are_reported_not_dropped(tmp_path, written):
     assert total == sum(len(r["sentences"]) for r in refs) - 3  # the two bad refs' sentences and the empty one
 
 
+def test_bad_segmentations_are_reported_with_the_annotation_id(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(written["rrsisd"][0], root)
+    instances = root / "rrsisd" / "instances.json"
+    data = json.loads(instances.read_text())
+    anns = data["annotations"]
+    anns[0]["segmentation"] = [[0, 0, 5, 0, 5, float("nan")]]  # JSON NaN in a polygon
+    anns[1]["segmentation"] = {"size": [SIZE, SIZE], "counts": [5, -5, SIZE * SIZE]}
+    anns[2]["segmentation"] = [{"size": [SIZE, SIZE], "counts": "0" + "P" * 7 + "0"}]
+    instances.write_text(json.dumps(data))
+    report = data_cli.scan("rrsisd", str(root))
+    errors = sorted((p["path"], p["detail"]) for p in report.problems if p["kind"] not in data_cli.WARNING_KINDS)
+    assert errors == sorted([
+        (str(instances), f"annotation {anns[0]['id']}.segmentation: polygon 0 has a coordinate that is not a number "
+                         f"within -{2 * SIZE}..{4 * SIZE}"),
+        (str(instances), f"annotation {anns[1]['id']}.segmentation: counts[1] = -5 is not a run length (an integer "
+                         f"0..{SIZE * SIZE})"),
+        (str(instances), f"annotation {anns[2]['id']}.segmentation: value 1 spans 8 characters; no count of a mask "
+                         "needs more than 7")])
+    lost = {a["id"] for a in anns[:3]}
+    refs = pickle.loads((root / "rrsisd" / "refs(unc).p").read_bytes())
+    kept = sum(len(r["sentences"]) for r in refs if r["ann_id"] not in lost)
+    assert sum(c["expressions"] for c in report.splits.values()) == kept and report.exit_status() == 1
+
+
+def test_jsonl_bad_counts_name_the_line(tmp_path, written):
+    import shutil
+
+    root = tmp_path / "j"
+    shutil.copytree(written["jsonl"][0], root)
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if json.loads(line)["mask"] is not None)
+    record = json.loads(lines[number - 1])
+    record["mask"]["counts"] = record["mask"]["counts"][:-1] + "P"  # 'P': another character follows
+    lines[number - 1] = json.dumps(record)
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    report = data_cli.scan("jsonl", str(root))
+    errors = [p["detail"] for p in report.problems if p["kind"] not in data_cli.WARNING_KINDS]
+    assert errors == [f"line {number}.mask: the last value is not terminated (the string is cut short)"]
+    assert sum(c["expressions"] for c in report.splits.values()) == len(lines) - 1  # only that line is lost
+
+
 def test_one_bit_and_palette_masks(tmp_path, written):
     import shutil
 

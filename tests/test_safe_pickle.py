@@ -198,3 +198,50 @@ def test_cached_json_builds_once_per_tag_and_uris_are_not_cached(tmp_path):
     assert cached_json(str(source), build, "index-v2", cache_dir=str(cache))["n"] == 2  # the tag is in the key
     assert cached_json("memory://nowhere/index.txt", build, "index-v1", cache_dir=str(cache))["n"] == 3
     assert len(cache_files(cache)) == 2
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_limits_refuse_with_one_line_naming_the_file_and_the_limit(tmp_path):
+    from rsam.data.limits import MAX_PICKLE_DEPTH, PICKLE_ELEMENTS_FLOOR
+    from rsam.data.safe_pickle import PickleTooLarge
+    from rsam.errors import UserError
+
+    looped: list = []
+    looped.append(looped)
+    cases = [
+        (nested(MAX_PICKLE_DEPTH + 1), f"containers are nested deeper than {MAX_PICKLE_DEPTH} levels"),
+        ([1, 2**63], "an integer of 64 bits is over the limit of 64-bit signed integers"),
+        ([-(2**64)], "an integer of 65 bits"),
+        (looped, "a container holds itself"),
+        ([[0] * 300] * 300, f"it expands to more than {PICKLE_ELEMENTS_FLOOR} elements .the limit of a \\d+-byte "
+                            "file: 4 per byte"),  # 90,301 elements from a 1.2 kB file
+    ]
+    for value, message in cases:
+        path = write(tmp_path / "refs(unc).p", value, 2)
+        with pytest.raises(PickleTooLarge, match=rf"refs\(unc\)\.p: refused to unpickle: {message}") as info:
+            load_plain_pickle(path)
+        assert isinstance(info.value, (PickleRefused, UserError)) and "\n" not in str(info.value)
+        with pytest.raises(PickleTooLarge):  # the cached loader too, and it writes nothing
+            load_plain_pickle_cached(path, cache_dir=tmp_path / "cache")
+        assert cache_files(tmp_path / "cache") == []
+    # at the limits: loads
+    assert load_plain_pickle(write(tmp_path / "ok.p", [nested(MAX_PICKLE_DEPTH - 1), 2**63 - 1, -(2**63)])) \
+        == [nested(MAX_PICKLE_DEPTH - 1), 2**63 - 1, -(2**63)]
+    assert len(load_plain_pickle(write(tmp_path / "ok.p", [[0] * 100] * 100))) == 100  # shared, 10,101 elements
+
+
+def test_the_cache_writer_stores_only_what_it_checked(tmp_path):
+    from rsam.data.safe_pickle import PickleTooLarge
+
+    source, cache = write_raw(tmp_path / "index.txt", b"abc"), tmp_path / "cache"
+    for value, refused in (({"x": UserRecord("y")}, PickleRefused), ({"n": 10**30}, PickleTooLarge),
+                           (nested(100), PickleTooLarge)):
+        with pytest.raises(refused, match="index.txt: refused to unpickle"):
+            cached_json(str(source), lambda: value, "index-v1", cache_dir=str(cache))
+        assert cache_files(cache) == []

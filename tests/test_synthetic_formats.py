@@ -6,7 +6,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -48,13 +48,12 @@ def _phrase_lines(root: Path) -> Dict[str, List[Tuple[str, str]]]:
     return out
 
 
-def _positives_by_split(scenes) -> Dict[str, List[Tuple[int, int, str]]]:
-    """(image index, target, text) of every target record, per split, in writing order."""
-    out: Dict[str, List[Tuple[int, int, str]]] = {s: [] for s in SPLITS}
+def _records_by_split(scenes) -> Dict[str, List[Tuple[int, Optional[int], str]]]:
+    """(image index, target or None, text) of every record, per split, in writing order."""
+    out: Dict[str, List[Tuple[int, Optional[int], str]]] = {s: [] for s in SPLITS}
     for i, scene in enumerate(scenes):
         for text, target in zip(scene.descriptions, scene.targets):
-            if target is not None:
-                out[scene.split].append((i, target, text))
+            out[scene.split].append((i, target, text))
     return out
 
 
@@ -120,7 +119,7 @@ def test_rrsisd_layout_refs_and_instances(tmp_path):
     assert instances["categories"] == [{"id": i, "name": c} for i, c in enumerate(CATEGORIES)]
     anns = {a["id"]: a for a in instances["annotations"]}
     images = {im["id"]: im for im in instances["images"]}
-    assert len(images) == NUM_IMAGES and len(anns) == sum(len(s.objects) for s in scenes)
+    assert len(images) == NUM_IMAGES and len(anns) == sum(len(s.objects) + s.targets.count(None) for s in scenes)
     for i, scene in enumerate(scenes):
         image, masks, objs, _ = _drawn(i)
         assert images[i] == {"id": i, "file_name": f"{scene.name}.jpg", "height": SIZE, "width": SIZE}
@@ -147,13 +146,19 @@ def test_rrsisd_layout_refs_and_instances(tmp_path):
         assert ref["split"] == scene.split and ref["file_name"] == images[ref["image_id"]]["file_name"]
         assert ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]
         target = [a["id"] for a in instances["annotations"] if a["image_id"] == ref["image_id"]].index(ann["id"])
+        if target >= len(scene.objects):  # a no-target record: a ref to an empty annotation (area 0)
+            (rle,) = ann["segmentation"]
+            assert not _decode(rle).any() and ann["area"] == 0 and ann["bbox"] == [0, 0, 0, 0]
+            (sentence,) = ref["sentences"]
+            assert ann["categories_id"] == CATEGORIES.index(negative_category(sentence["sent"]))
+            target = None
         for s in ref["sentences"]:
             assert set(s) == {"raw", "sent", "tokens", "sent_id"}
             assert s["sent"] == s["raw"].lower() and s["raw"][0].isupper() and s["tokens"] == s["sent"].split()
             assert scene.targets[scene.descriptions.index(s["sent"])] == target
             seen.append((ref["image_id"], s["sent"]))
-    # Every target record is a sentence; no-target records are skipped.
-    expected = [(i, t) for i, s in enumerate(scenes) for t, g in zip(s.descriptions, s.targets) if g is not None]
+    # Every record is a sentence, no-target ones included.
+    expected = [(i, t) for i, s in enumerate(scenes) for t in s.descriptions]
     assert sorted(seen) == sorted(expected) and any(None in s.targets for s in scenes)
 
 
@@ -219,7 +224,7 @@ def test_mask_polygons_are_exact_outlines():
 def test_one_file_pair_per_expression(tmp_path, fmt, image_dir, mask_dir, channels):
     options = {"mask_channels": channels} if channels != 1 else {}
     scenes = _write(tmp_path, fmt, **options)
-    lines, expected = _phrase_lines(tmp_path), _positives_by_split(scenes)
+    lines, expected = _phrase_lines(tmp_path), _records_by_split(scenes)
     ext = ".tif" if fmt == "refsegrs" else ".png"
     ids = []
     for split in SPLITS:
@@ -235,7 +240,8 @@ def test_one_file_pair_per_expression(tmp_path, fmt, image_dir, mask_dir, channe
             assert mask.shape == ((SIZE, SIZE) if channels == 1 else (SIZE, SIZE, 3))
             assert set(np.unique(mask).tolist()) <= {0, 255}
             plane = mask if channels == 1 else mask[..., 0]
-            assert np.array_equal(plane > (50 if fmt == "refsegrs" else 0), masks[target])
+            truth = masks[target] if target is not None else np.zeros((SIZE, SIZE), dtype=bool)  # no target
+            assert np.array_equal(plane > (50 if fmt == "refsegrs" else 0), truth)
     assert ids == [f"{k:05d}" for k in range(len(ids))]
     assert len(list((tmp_path / image_dir).iterdir())) == len(list((tmp_path / mask_dir).iterdir())) == len(ids)
 
@@ -273,3 +279,30 @@ def test_cli_writes_the_chosen_format(tmp_path, capsys):
     main(["--out", str(tmp_path / "r"), "--num-images", "2", "--size", "64", "--format", "refsegrs",
           "--mask-channels", "3"])
     assert np.asarray(Image.open(tmp_path / "r" / "masks" / "00000.tif")).shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------------------------------------ no-target records
+
+
+@pytest.mark.parametrize("fmt", ["risors", "rrsisd", "refsegrs", "risbench", "jsonl"])
+def test_training_sees_every_no_target_record(tmp_path, fmt):
+    """--neg-ratio's records reach training in every format: the training dataset (keeping empty records, as the
+    generator says to for risors / rrsisd) yields one expression with an empty ground truth per no-target record
+    of the split, with its text; the loss learns "no target" from an empty mask (rsam/losses.py)."""
+    from rsam.data.dataset import ReferringDataset
+
+    scenes = generate(str(tmp_path / fmt), 8, 64, SEED, neg_ratio=1.5, format=fmt, val_fraction=0.0,
+                      test_fraction=0.0)
+    wanted = sorted(t for s in scenes for t, k in zip(s.descriptions, s.targets) if k is None)
+    assert len(wanted) >= 4
+    dataset = ReferringDataset(str(tmp_path / fmt), "train", training=True, resolution=64, format=fmt,
+                               max_expressions_per_image=None, empty_annotations="negative")
+    seen = []
+    for i in range(len(dataset)):
+        sample = dataset[(i, 0)]
+        for text, mask, negative in zip(sample.descriptions, sample.masks, sample.is_negative):
+            if not mask.any():
+                seen.append(text)
+                # jsonl, risors and rrsisd store the record as empty; the phrase formats as an all-zero mask file
+                assert negative or fmt in ("refsegrs", "risbench"), text
+    assert sorted(t.lower() for t in seen) == wanted  # rrsisd keeps the capitalised "raw" text

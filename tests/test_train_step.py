@@ -2,24 +2,20 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_rsam_setup import TINY_CONFIG, write_vocab  # noqa: E402
-
-from rsam.build import build_rsam  # noqa: E402
-from rsam.config import compose_config  # noqa: E402
-from rsam.data.batch import Collator, ImageSample  # noqa: E402
-from rsam.data.tokenizer import RSAMTokenizer  # noqa: E402
-from rsam.losses import RSAMLoss  # noqa: E402
-from training.optimizer import OptimConfig, ScheduledOptimizer, plan_param_groups  # noqa: E402
-from training.precision import resolve_precision  # noqa: E402
-from training.step import TrainStep  # noqa: E402
-from training.trainer import parse_section  # noqa: E402
+from rsam.build import build_rsam
+from rsam.config import compose_config
+from rsam.data.batch import Collator, ImageSample
+from rsam.data.tokenizer import RSAMTokenizer
+from rsam.losses import RSAMLoss
+from tiny_rsam_setup import TINY_CONFIG, write_vocab
+from training.optimizer import OptimConfig, ScheduledOptimizer, plan_param_groups
+from training.precision import resolve_precision
+from training.step import TrainStep
+from training.trainer import parse_section
 
 R = 64
 WORDS = "the a red white blue ship plane tank building left right top bottom small large near".split()

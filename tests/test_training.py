@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "rsam_tiny_cpu.yaml")
 BPLUS = str(REPO / "configs" / "rsam_b+_b.yaml")
 
+from rsam.errors import UserError  # noqa: E402
 from training.optimizer import GroupRule, OptimConfig, build_optimizer, cosine, plan_param_groups  # noqa: E402
 from training.train import apply_flags, compose_config, parse_args  # noqa: E402
 from training.trainer import LOSS_KEYS, Trainer, parse_section  # noqa: E402
@@ -329,6 +331,14 @@ def test_cli_trains_end_to_end_and_writes_the_experiment_dir(tmp_path, data_root
     assert {f"train/{k}" for k in LOSS_KEYS} <= scalars
     assert {"lr/vision", "lr/fusion", "lr/base", "val/mIoU", "val/oIoU", "test/mIoU"} <= scalars
     assert {"val/overlay_0", "val/overlay_1"} <= images
+    # Overlays at the global step of the scalars of the same validation, captioned in the picture and in the
+    # text tab with the image, the expression and the IoU.
+    assert [e.step for e in events.Images("val/overlay_0")] == [e.step for e in events.Scalars("val/mIoU")] == [7, 14]
+    overlay = events.Images("val/overlay_0")[-1]
+    assert overlay.width == 3 * 3 * 64 and overlay.height > 3 * 64  # three panels, enlarged, a caption below
+    caption = events.Tensors("val/overlay_0/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert re.fullmatch(r'\*\*synthetic_\d+ \(annotation \d+, [a-z ]+\)\*\*: "[a-z ]+" \| IoU [01]\.\d{3} \| '
+                        r"predicted IoU .*", caption), caption
 
     # trainer.mode=test on the same dir evaluates best.pt again: same numbers as the end of training.
     cfg = compose_config(TINY, [f"scratch.data_root={data_root}", *BASE_OVERRIDES[:1], "trainer.mode=test",
@@ -362,7 +372,7 @@ def test_slurm_without_submitit_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit -> ImportError
     cfg = compose_config(TINY, [])
     cfg = apply_flags(cfg, parse_args(["-c", TINY, "--use-cluster", "1", "--log-dir", str(tmp_path)]))
-    with pytest.raises(SystemExit, match="pip install submitit"):
+    with pytest.raises(UserError, match="pip install submitit"):
         train.launch_slurm(cfg)
 
 

@@ -4,15 +4,19 @@ headless browser.
 Unit part (no browser, no server): Segmenter.run on an image with two expressions returns an overlay picture,
 one table row and one mask PNG per expression (the PNG equal to the predictor's mask); a second request on the
 same image reuses its features; too many expressions / characters / pixels, no image and no text are refused
-with a message; the Gradio callback turns refusals into gr.Error; main exits 2 with one line for a missing
-checkpoint, an unavailable device and a missing examples folder; pretrained directories load through
-from_pretrained.
+with a message; the page's callback turns a refusal (a file that is not an image included) into one readable
+message box, cleared outputs and one log line, never the server's temporary paths; an empty mask says "empty
+mask" in the table and the caption; mask colours stand out on the object they cover; main exits 2 with one line
+for a missing checkpoint, an unavailable device and a missing examples folder; pretrained directories load
+through from_pretrained. (rsam-ui as a process: tests/test_ui_process.py.)
 
 Browser part: a tiny random checkpoint (64 px network) served on 127.0.0.1 at a free port; headless Debian
 chromium driven by selenium uploads an image through the page's file input, types an expression, clicks
 Segment and waits for the output image and the scores table; the table must show the expression and a numeric
-IoU. The screenshot is saved under tmp_path and copied to /tmp/rsam_ui_screenshot.png. Skipped, with the
-reason, where gradio, selenium, chromium or chromedriver is missing (``make ui-test`` installs them).
+IoU. Then a text file named like a PNG (one message box naming it, no temporary path, no "Error" badge), an
+expression whose mask is empty ("empty mask") and a fill overlay on the red object of the scene. The screenshots
+are saved under tmp_path and copied to /tmp/rsam_ui_*.png. Skipped, with the reason, where gradio, selenium,
+chromium or chromedriver is missing (``make ui-test`` installs them).
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from rsam.predictor import RSAMPredictor
-from rsam.tools import ui
+from rsam.tools import ui, ui_app
 from tiny_rsam_setup import tiny_checkpoint
 
 TEXTS = "the red ship\nthe largest white building"
@@ -131,18 +136,110 @@ def test_limits_refused_with_a_message(predictor, tmp_path):
         seg.run(None, "the ship")
     bad = tmp_path / "not_an_image.png"
     bad.write_bytes(b"hello")
-    with pytest.raises(ui.UIError, match="cannot read the image"):
+    with pytest.raises(ui.UIError, match="this file is not an image we can read: not_an_image.png"):
         seg.run(str(bad), "the ship")
     assert seg.run(small, "the ship\na vehicle").files  # within the limits: fine
 
 
-def test_callback_raises_gr_error(predictor, tmp_path):
-    gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
+def test_callback_shows_refusals_in_the_page(predictor, tmp_path, caplog):
     seg = ui.Segmenter(predictor, ui.Limits(max_expressions=1), out_dir=str(tmp_path / "out"))
-    with pytest.raises(gr.Error, match="2 expressions: at most 1"):
-        seg(_image(), TEXTS, "Fill", False)
-    overlay, table, files = seg(_image(), "the red ship", "Fill", False)
-    assert isinstance(overlay, Image.Image) and "the red ship" in table and len(files) == 1
+    with caplog.at_level("INFO", logger="rsam.ui"):
+        overlay, table, files, message = seg(_image(), TEXTS, "Fill", False)
+    assert (overlay, table, files) == (None, "", None)
+    assert "2 expressions: at most 1" in message and 'role="alert"' in message
+    assert [r.getMessage() for r in caplog.records] == ["refused request: 2 expressions: at most 1 per request"]
+    assert caplog.records[0].exc_info is None  # one line, no traceback
+    overlay, table, files, message = seg(_image(), "the red ship", "Fill", False)
+    assert isinstance(overlay, Image.Image) and "the red ship" in table and len(files) == 1 and message == ""
+
+
+def _upload(tmp_path, name: str, data: bytes) -> dict:
+    """What the page hands the callback for an upload: Gradio's payload, the file under a server folder."""
+    folder = tmp_path / "gradio-upload" / "0123abcd"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return {"path": str(folder / name), "orig_name": name, "url": None, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_unreadable_upload_is_one_readable_message(predictor, tmp_path, caplog):
+    seg = ui.Segmenter(predictor, out_dir=str(tmp_path / "out"))
+    png = tmp_path / "scene.png"
+    Image.fromarray(_image(40, 52)).save(png)
+    truncated = png.read_bytes()[:120]  # a PNG header and the start of its data
+    for name, data in (("notes.png", b"these are my notes, not a picture\n"), ("cut.png", truncated)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="rsam.ui"):
+            overlay, table, files, message = seg(_upload(tmp_path, name, data), "the red ship", "Fill", False)
+        assert (overlay, table, files) == (None, "", None)
+        assert f"this file is not an image we can read: {name} (" in message, message
+        assert str(tmp_path) not in message and "gradio-upload" not in message and "0123abcd" not in message
+        assert "Traceback" not in message and len(caplog.records) == 1 and caplog.records[0].exc_info is None
+        assert str(tmp_path) not in caplog.records[0].getMessage()
+    overlay, table, files, message = seg(_upload(tmp_path, "fine.png", png.read_bytes()), "the red ship", "Fill",
+                                         False)
+    assert message == "" and "the red ship" in table and len(files) == 1
+
+
+class _EmptyMasks:
+    """The predictor, except that expressions containing "nothing" get an empty mask with a positive object
+    score (the model found something, but no pixel passed the mask threshold)."""
+
+    def __init__(self, predictor):
+        self.inner = predictor
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, texts):
+        import dataclasses
+
+        out = []
+        for p in self.inner.predict(texts):
+            if "nothing" in p.text:
+                p = dataclasses.replace(p, mask=torch.zeros_like(p.mask), no_target=False, object_score=1.5)
+            out.append(p)
+        return out
+
+
+def test_empty_mask_says_so(predictor, tmp_path):
+    seg = ui.Segmenter(_EmptyMasks(predictor), out_dir=str(tmp_path / "out"))
+    result = seg.run(_image(), "the red ship\nnothing like this")
+    row = result.rows[1]
+    assert row["area_px"] == 0 and not row["no_target"] and row["result"] == "empty mask"
+    table = ui.scores_html(result.rows)
+    assert '<td class="result">empty mask</td>' in table
+    assert ui_app._detail(seg.predictor.predict(["nothing"])[0], 0).startswith("empty mask")
+    assert ui_app._outcome(True, 0) == "no target" and ui_app._outcome(False, 12) == "found"
+
+
+def test_mask_colours_stand_out_on_the_object(predictor, tmp_path, scene_dir):
+    """A fill over a red object is not red: the table's colour is far from the object's own."""
+    from rsam.data.synthetic import make_scene
+
+    image, masks, objs, _ = _red_scene(make_scene)
+    k = next(i for i, o in enumerate(objs) if o.colour == "red")
+
+    class Truth(_EmptyMasks):
+        def predict(self, texts):
+            import dataclasses
+
+            return [dataclasses.replace(p, mask=torch.from_numpy(masks[k]), no_target=False)
+                    for p in self.inner.predict(texts)]
+
+    seg = ui.Segmenter(Truth(predictor), out_dir=str(tmp_path / "out"))
+    row = seg.run(image, "the red object", style="Fill").rows[0]
+    colour = np.array([int(row["color"][i:i + 2], 16) for i in (1, 3, 5)])
+    red = np.median(image[masks[k]], axis=0)
+    assert np.abs(colour - red).sum() > 300, (row["color"], red)
+
+
+def _red_scene(make_scene):
+    """A 128 px synthetic scene with a red object (the first seed that has one)."""
+    for seed in range(100):
+        image, masks, objs, records = make_scene(np.random.default_rng(seed), 128)
+        if any(o.colour == "red" for o in objs):
+            return image, masks, objs, records
+    raise AssertionError("no synthetic scene with a red object")
 
 
 def _usage_line(capsys):
@@ -226,6 +323,44 @@ def _browser_or_skip():
     return chromium, driver
 
 
+class _Scripted(_EmptyMasks):
+    """The predictor with two scripted answers for the browser test: "the red object" -> the red object's
+    true mask (a fill over it shows its colour), "nothing ..." -> an empty mask with a positive object score."""
+
+    def __init__(self, predictor, red_mask: np.ndarray):
+        super().__init__(predictor)
+        self.red = torch.from_numpy(red_mask)
+
+    def predict(self, texts):
+        import dataclasses
+
+        out = super().predict(texts)
+        return [dataclasses.replace(p, mask=self.red.clone(), no_target=False, object_score=2.0)
+                if p.text == "the red object" and tuple(p.mask.shape) == tuple(self.red.shape) else p for p in out]
+
+
+def _segment(browser, wait, base: str, image, texts: str, style: str) -> None:
+    """A fresh page: upload ``image``, type ``texts``, pick ``style``, press Segment."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+
+    browser.get(base + "/")
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#rsam-input input[type=file]")))
+    upload.send_keys(str(image))
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#rsam-input img")))
+    box = browser.find_element(By.CSS_SELECTOR, "#rsam-texts textarea")
+    box.clear()
+    box.send_keys(texts)
+    browser.find_element(By.CSS_SELECTOR, f"#rsam-style input[value={style}]").click()
+    browser.find_element(By.CSS_SELECTOR, "#rsam-segment").click()
+
+
+def _screenshot(browser, tmp_path, name: str) -> None:
+    time.sleep(0.5)  # let the page paint
+    assert browser.save_screenshot(str(tmp_path / name))
+    shutil.copyfile(tmp_path / name, f"/tmp/{name}")
+
+
 def test_browser_upload_segment_screenshot(predictor, scene_dir, tmp_path):
     chromium, driver_path = _browser_or_skip()
     from selenium import webdriver
@@ -236,7 +371,12 @@ def test_browser_upload_segment_screenshot(predictor, scene_dir, tmp_path):
 
     examples = ui.find_examples(str(scene_dir))
     assert len(examples) == 2 and examples[0][1]
-    app = ui.build_app(predictor, examples, out_dir=str(tmp_path / "out"))
+    from rsam.data.synthetic import make_scene
+
+    red_image, red_masks, red_objects, _ = _red_scene(make_scene)
+    red = red_masks[next(i for i, o in enumerate(red_objects) if o.colour == "red")]
+    Image.fromarray(red_image).save(tmp_path / "red_scene.png")
+    app = ui.build_app(_Scripted(predictor, red), examples, out_dir=str(tmp_path / "out"))
     port = _free_port()
     ui.launch(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     assert app.share is False and app.server_name == "127.0.0.1"
@@ -294,6 +434,29 @@ def test_browser_upload_segment_screenshot(predictor, scene_dir, tmp_path):
         base = f"http://127.0.0.1:{port}"
         outside = [u for u in urls if not u.startswith((base, "data:", "blob:"))]
         assert urls and not outside, outside
+
+        # A text file named like a picture: one readable message naming it, no temporary path, no "Error" badge.
+        notes = tmp_path / "notes.png"
+        notes.write_bytes(b"my notes, not a picture\n")
+        _segment(browser, wait, base, notes, "the red ship", "Outline")
+        box = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#rsam-message .rsam-message")))
+        assert box.text == "this file is not an image we can read: notes.png (not a picture format we know " \
+                           "(PNG, JPEG, TIFF, BMP, WebP))", box.text
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert "/tmp" not in page and str(tmp_path) not in page and "Traceback" not in page
+        assert "Error" not in page.split(), page
+        _screenshot(browser, tmp_path, "rsam_ui_error.png")
+
+        # The red object filled (the colour is not red), and an expression whose mask is empty says so.
+        _segment(browser, wait, base, tmp_path / "red_scene.png", "the red object\nnothing at all", "Fill")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rsam-scores td.result")) == 2)
+        results = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#rsam-scores td.result")]
+        areas = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#rsam-scores td.area")]
+        assert results == ["found", "empty mask"] and areas == [str(int(red.sum())), "0"], (results, areas)
+        assert browser.find_element(By.CSS_SELECTOR, "#rsam-message").text == ""
+        overlay = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#rsam-overlay img")))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+        _screenshot(browser, tmp_path, "rsam_ui_fill_red.png")
     except Exception:
         browser.save_screenshot(str(tmp_path / "failure.png"))
         shutil.copyfile(tmp_path / "failure.png", "/tmp/rsam_ui_failure.png")

@@ -130,3 +130,28 @@ def test_write_pictures_to_look_at():
     errors.save(os.path.join(out, "errors.png"))
     for name in ("overlay_outline.png", "errors.png"):
         Image.open(os.path.join(out, name)).load()
+
+
+def test_fill_stays_visible_on_a_red_object():
+    """The default colour of a mask over a red object is far from red, so a fill over it changes what a person
+    sees (a red fill on a red ship used to leave it almost as it was); the dark line outside marks the border
+    in fill mode too; several masks get distinct colours."""
+    from rsam.data.synthetic import make_scene
+    from rsam.visualization import HALO, PALETTE, mask_colors
+
+    for seed in range(100):
+        image, masks, objects, _ = make_scene(np.random.default_rng(seed), 128)
+        reds = [k for k, o in enumerate(objects) if o.colour == "red"]
+        if reds:
+            break
+    red = masks[reds[0]]
+    h, w = image.shape[:2]
+    out = _picture(draw_masks(image, [red], [Caption("the red object")], style="fill"), h, w).astype(int)
+    inside = _erode(red, 2)
+    assert np.abs(out[inside] - image[inside].astype(int)).sum(axis=1).mean() > 120
+    ring = _dilate(red, 1) & ~red
+    assert (out[ring] == np.asarray(HALO)).all(axis=1).mean() > 0.9
+    (colour,) = mask_colors(image, [red])
+    assert np.abs(np.asarray(colour) - np.median(image[red], axis=0)).sum() > 300 and colour in PALETTE
+    colours = mask_colors(image, masks)
+    assert len(set(colours)) == len(masks)

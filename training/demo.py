@@ -16,6 +16,8 @@ Steps, each with the project's own tools (the same ones the 800 px recipe uses):
 4. ``training/eval.py`` on the test split -> ``<out>/eval/metrics.json`` and error pictures in ``<out>/eval/vis``;
 5. the text-shuffled control: the same checkpoint evaluated on the test split with every expression moved to
    another image's object (``<out>/data_text_shuffled``). A model that reads the expressions collapses here;
+   ``rsam-compare`` pairs the two evaluations expression by expression (intervals, p-values; also in
+   ``<out>/compare_text_shuffled.txt``);
 6. overlays of predictions with their expressions for a few test images (``rsam.predictor`` +
    ``rsam-predict``'s writer) in ``<out>/overlays``.
 
@@ -296,6 +298,9 @@ def main(argv=None) -> dict:
                  "text-shuffled evaluation", os.path.join(out, "eval_text_shuffled.log"), quiet=True)
         shuffled = _read_metrics(shuffled_dir)
         say(f"  mIoU with the right expressions {metrics['mIoU']:.3f}, with shuffled ones {shuffled['mIoU']:.3f}")
+        say("  paired comparison, A = the real expressions, B = shuffled ones (rsam-compare):")
+        run_step([sys.executable, "-m", "rsam.tools.compare", eval_dir, shuffled_dir], "rsam-compare",
+                 os.path.join(out, "compare_text_shuffled.txt"))
     timings["control_s"] = time.perf_counter() - t
 
     blind: Optional[dict] = None

@@ -36,10 +36,14 @@ import random
 import sys
 from typing import Any, Dict, Optional
 
+from rsam.atomic_files import write_text_atomically
+from rsam.cli import FAILED, USAGE, run_command
+from rsam.errors import UserError
+
 LOG = logging.getLogger("rsam.eval")
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A user-facing problem (bad path, config, checkpoint or data): printed as one message, exit code 2."""
 
 
@@ -55,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="processes to spawn (default: --num-gpus, 1 on the CPU); with --num-gpus 0: CPU processes")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (CPU runs)")
     p.add_argument("--convention", choices=("official", "standard"), default=None,
-                   help="metric convention (default: trainer.metric_convention of the config, else official)")
+                   help="metric convention (default: trainer.metric_convention of the config, else standard)")
     p.add_argument("--resolution", choices=("network", "original"), default="network",
                    help="score at the network resolution (official) or at each image's original size")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: data.<split>.batch_size)")
@@ -68,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder for metrics.json and vis/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scratch.val_batch_size=16")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.rescore is None and args.checkpoint is None:
         p.error("--checkpoint is required (or --rescore DIR)")
     if args.save_vis < 0:
@@ -81,53 +85,65 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace):
-    """The composed config (``-c`` + overrides) or the checkpoint's stored one (+ overrides); a DictConfig."""
+    """The composed config (``-c`` + overrides) or the checkpoint's stored one (+ overrides); a DictConfig.
+
+    A stored config is data (:mod:`rsam.checkpoint.stored_config`): ``args.stored_config`` is set to the file it
+    came from, and everything built from it is built from RSAM's own classes only (:func:`_instantiate`).
+    """
     from omegaconf import OmegaConf
 
-    from rsam.pretrained import is_pretrained_dir, read_config
+    from rsam.checkpoint import check_stored_config, read_checkpoint
 
+    ckpt = read_checkpoint(args.checkpoint)
+    args.stored_config = None
     if args.config is not None:
-        from training.train import compose_config
+        from rsam.config import compose_config
 
         cfg = compose_config(args.config, args.overrides)
-        if is_pretrained_dir(args.checkpoint):
+        if ckpt.kind == "pretrained":
             # the directory's tokenizer is part of the model: the data pipeline must tokenise with it
-            tokenizer = read_config(args.checkpoint)["tokenizer"]
+            tokenizer = ckpt.config["tokenizer"]
             if cfg.get("tokenizer") is not None and OmegaConf.to_container(cfg.tokenizer, resolve=True) != tokenizer:
                 LOG.info("tokenizer: %s of %s replaces the config's", tokenizer, args.checkpoint)
             OmegaConf.update(cfg, "tokenizer", tokenizer, merge=False, force_add=True)
         return cfg
-    if is_pretrained_dir(args.checkpoint):
+    if ckpt.kind == "pretrained":
         raise EvalError(f"{args.checkpoint} is a pretrained directory: it holds the model and tokenizer but no data "
                         "section; pass -c CONFIG for the data to evaluate on")
-    from rsam.checkpoint import read_checkpoint
-
-    stored = read_checkpoint(args.checkpoint).config
-    if stored is None:
+    if ckpt.config is None:
         raise EvalError(f"{args.checkpoint} holds no config (official or bare state dict): pass -c CONFIG")
-    cfg = OmegaConf.create(stored)
+    model_overrides = [o for o in args.overrides if o.lstrip("+").startswith("model.")]
+    if model_overrides:
+        raise EvalError(f"{model_overrides}: the model of {args.checkpoint} is built as stored; to change it, "
+                        "pass -c CONFIG")
     stale = [o for o in args.overrides if o.lstrip("+").startswith("scratch.")]
     if stale:
         # The stored config is resolved: nothing refers to scratch.* any more, so such overrides change nothing.
         print(f"warning: {stale} change nothing in the checkpoint's stored (resolved) config; override the keys "
               "that use them (e.g. data.test.batch_size=16, or --batch-size) or pass -c CONFIG", file=sys.stderr)
+    cfg = OmegaConf.create(ckpt.config)
     if args.overrides:
         try:
             # Hydra's "+key=value" / "++key=value" (add / force-add) are plain assignments here
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in args.overrides]))
         except Exception as exc:  # omegaconf raises several types, all with readable messages
             raise EvalError(f"cannot apply overrides {args.overrides}: {exc}") from None
+        check_stored_config(OmegaConf.to_container(cfg), f"{args.checkpoint} with overrides {args.overrides}",
+                            "config")
+    args.stored_config = ckpt.source
     return cfg
 
 
-def _instantiate(node, what: str):
-    from hydra.utils import instantiate
+def _instantiate(node, what: str, key: str, stored_in: Optional[str]):
+    """Build a config node: with Hydra for a config the user passed, as data (RSAM's classes only) for one
+    stored in ``stored_in``."""
+    if stored_in is None:
+        from rsam.config import instantiate
 
-    try:
-        return instantiate(node, _convert_="all")
-    except Exception as exc:  # hydra wraps the constructor's error: report that one
-        cause = exc.__cause__ or exc
-        raise EvalError(f"cannot build {what}: {cause}") from None
+        return instantiate(node, what)
+    from rsam.checkpoint import build_stored
+
+    return build_stored(_plain(node), stored_in, key)
 
 
 def split_section(cfg, split: str):
@@ -143,9 +159,10 @@ def split_section(cfg, split: str):
     return node
 
 
-def build_dataset(cfg, split: str):
+def build_dataset(cfg, split: str, stored_in: Optional[str] = None):
     section = split_section(cfg, split)
-    dataset = _instantiate(section.dataset, f"the {split} dataset (data.{split}.dataset)")
+    dataset = _instantiate(section.dataset, f"the {split} dataset (data.{split}.dataset)",
+                           f"config.data.{split}.dataset", stored_in)
     if len(dataset) == 0:
         raise EvalError(f"the {split} split has zero images ({getattr(dataset, 'root', '?')})")
     return dataset
@@ -172,6 +189,7 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     from rsam import distributed as D
     from rsam.build import build_from_checkpoint
     from rsam.evaluation import Evaluator
+    from rsam.evaluation.per_expression import dataset_label
     from rsam.evaluation.writers import PredictionWriter, VisualWriter
 
     accelerator = cfg.trainer.get("accelerator", "cuda") if cfg.get("trainer") else "cuda"
@@ -185,12 +203,15 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s")
-        model, _ = build_from_checkpoint(args.checkpoint, cfg, device=info.device)  # a file or a pretrained dir
+        stored_in = args.stored_config
+        # a stored config builds its own model (as data); a config passed with -c builds through Hydra
+        model, _ = build_from_checkpoint(args.checkpoint, None if stored_in else cfg, device=info.device)
         model.requires_grad_(False)
 
         section = split_section(cfg, args.split)
-        dataset = build_dataset(cfg, args.split)
-        collate = _instantiate(section.collate, f"the {args.split} collate (data.{args.split}.collate)")
+        dataset = build_dataset(cfg, args.split, stored_in)
+        collate = _instantiate(section.collate, f"the {args.split} collate (data.{args.split}.collate)",
+                               f"config.data.{args.split}.collate", stored_in)
         amp = args.amp == "on" or (args.amp == "auto" and info.device.type == "cuda"
                                    and bool(cfg.get("trainer", {}).get("amp", {}).get("enabled", False)))
         evaluator = Evaluator(
@@ -205,7 +226,7 @@ def run(cfg, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         writer = None
         meta = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "convention": convention.name,
                 "resolution": args.resolution, "image_size": int(model.image_size),
-                "dataset": _plain(section.dataset)}
+                "dataset": _plain(section.dataset), "benchmark": dataset_label(args.split.partition(".")[2], dataset)}
         if args.save_predictions:
             writer = PredictionWriter(args.save_predictions, meta)
             callbacks.append(writer)
@@ -235,6 +256,8 @@ def _report(result, per_process, meta, convention, out_dir: str, model, args: ar
             info) -> Dict[str, Any]:
     """Rank 0: write metrics.json into ``out_dir``, print the summary; returns the record."""
     from rsam.evaluation.metrics import format_metrics
+    from rsam.evaluation.per_expression import write_per_expression
+    from rsam.stats.records import PER_EXPRESSION_JSONL
 
     record = {**{k: v for k, v in meta.items() if k != "dataset"},
               "convention_description": convention.describe(), "num_processes": info.world_size,
@@ -242,22 +265,26 @@ def _report(result, per_process, meta, convention, out_dir: str, model, args: ar
               "seconds": result.seconds, "expressions_per_s": result.expressions_per_s,
               "metrics": result.metrics}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    write_text_atomically(os.path.join(out_dir, "metrics.json"), json.dumps(record, indent=1))
+    # every expression's intersection / union, what the metrics are computed from (rsam-compare reads it)
+    write_per_expression(os.path.join(out_dir, PER_EXPRESSION_JSONL), {meta["benchmark"]: result.expressions},
+                         convention.name, args.resolution)
     size = f"{model.image_size}x{model.image_size}" if args.resolution == "network" else "original image size"
     print(f"\n{args.checkpoint} on split '{args.split}': {result.metrics['num_expressions']} expressions, "
           f"scored at {size}, {info.world_size} process(es), {result.seconds:.1f} s "
           f"({result.expressions_per_s:.1f} expr/s)")
     print(format_metrics(result.metrics, convention))
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')}"
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}, {PER_EXPRESSION_JSONL}"
           + (f" and {args.save_vis} pictures in {os.path.join(out_dir, 'vis')}" if args.save_vis else "")
           + (f"; predictions in {args.save_predictions}" if args.save_predictions else ""))
     return record
 
 
 def _config_convention(cfg) -> str:
+    from rsam.evaluation.metrics import DEFAULT_CONVENTION
+
     trainer = cfg.get("trainer") or {}
-    return trainer.get("metric_convention") or "official"
+    return trainer.get("metric_convention") or DEFAULT_CONVENTION
 
 
 def _plain(node) -> Any:
@@ -275,30 +302,28 @@ def default_out_dir(args: argparse.Namespace, convention: str) -> str:
 
 def rescore_main(args: argparse.Namespace) -> Dict[str, Any]:
     """``--rescore DIR``: metrics from written masks, against the dataset recorded in predictions.json."""
-    from omegaconf import OmegaConf
-
-    from rsam.evaluation.metrics import MetricConvention, format_metrics
+    from rsam.config import compose_config
+    from rsam.json_files import read_json_object
+    from rsam.evaluation.metrics import DEFAULT_CONVENTION, MetricConvention, format_metrics
     from rsam.evaluation.rescore import rescore
     from rsam.evaluation.writers import PREDICTIONS_JSON
 
     path = os.path.join(args.rescore, PREDICTIONS_JSON)
     if not os.path.isfile(path):
         raise EvalError(f"{path} not found: --rescore needs a folder written by --save-predictions")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json_object(path)
     if args.config is not None:  # the config's split, e.g. a dataset that moved
-        dataset = build_dataset(load_config(args), meta.get("split", args.split))
-    else:
-        dataset = _instantiate(OmegaConf.create(meta["dataset"]), f"the dataset recorded in {path}")
-    convention = MetricConvention.get(args.convention or meta.get("convention", "official"))
+        dataset = build_dataset(compose_config(args.config, args.overrides), meta.get("split", args.split))
+    else:  # recorded by eval.py, but a file like any other: built as data
+        dataset = _instantiate(meta.get("dataset"), f"the dataset recorded in {path}", "dataset", path)
+    convention = MetricConvention.get(args.convention or meta.get("convention", DEFAULT_CONVENTION))
     metrics = rescore(args.rescore, dataset, convention)
     record = {"predictions": os.path.abspath(args.rescore), "split": meta.get("split"),
               "convention": convention.name, "convention_description": convention.describe(),
               "resolution": meta.get("resolution"), "metrics": metrics}
     out_dir = args.out or args.rescore
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics_rescored.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    write_text_atomically(os.path.join(out_dir, "metrics_rescored.json"), json.dumps(record, indent=1))
     print(f"\nrescored {args.rescore} ({metrics['num_expressions']} expressions, {meta.get('resolution')} resolution)")
     print(format_metrics(metrics, convention))
     print(f"wrote {os.path.join(out_dir, 'metrics_rescored.json')}")
@@ -309,50 +334,32 @@ def rescore_main(args: argparse.Namespace) -> Dict[str, Any]:
 # launching
 
 
-def _user_message(exc: BaseException) -> Optional[str]:
-    """The one-line message of an expected failure (bad input), None for a bug (keep the traceback)."""
-    from rsam.checkpoint import CheckpointError
-
-    if isinstance(exc, (EvalError, FileNotFoundError, CheckpointError, KeyError, ValueError)):
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        return f"error: {text}"
-    return None
-
-
-def _guarded(fn, *a):
-    try:
-        return fn(*a)
-    except Exception as exc:
-        message = _user_message(exc)
-        if message is None or os.environ.get("RSAM_DEBUG"):
-            raise
-        print(f"{message}\n(set RSAM_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _spawned(local_rank: int, cfg_container: dict, args: argparse.Namespace, world_size: int, port: int) -> None:
     from omegaconf import OmegaConf
 
     os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    _guarded(run, OmegaConf.create(cfg_container), args)
+    status = run_command("rsam-eval", lambda: run(OmegaConf.create(cfg_container), args) and None)
+    if status:
+        sys.exit(status)
 
 
 def evaluate_cli(argv=None) -> Optional[Dict[str, Any]]:
-    """Everything ``main`` does; returns the metrics.json (or metrics_rescored.json) record."""
+    """Everything ``main`` does; returns the metrics.json (or metrics_rescored.json) record. User errors raise
+    :class:`rsam.errors.UserError`; a spawned process that failed raises ``SystemExit`` with its status."""
     args = parse_args(argv)
     if args.rescore is not None:
-        return _guarded(rescore_main, args)
-    cfg = _guarded(load_config, args)
+        return rescore_main(args)
+    cfg = load_config(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
-        return _guarded(run, cfg, args)
+        return run(cfg, args)
     if args.num_gpus is None:
         args.num_gpus = 1
     nprocs = args.num_procs if args.num_procs is not None else max(1, args.num_gpus)
     if nprocs < 1:
-        raise SystemExit("--num-procs must be >= 1")
+        raise EvalError("--num-procs must be >= 1")
     if nprocs == 1:
-        return _guarded(run, cfg, args)
+        return run(cfg, args)
 
     import torch.multiprocessing as mp
     from omegaconf import OmegaConf
@@ -362,17 +369,17 @@ def evaluate_cli(argv=None) -> Optional[Dict[str, Any]]:
     try:
         mp.start_processes(_spawned, args=(container, args, nprocs, port), nprocs=nprocs, start_method="spawn")
     except mp.ProcessExitedException as exc:
-        raise SystemExit(f"evaluation failed: process {exc.error_index} exited with code {exc.exit_code} "
-                         "(its message is above)") from None
+        print(f"rsam-eval: evaluation failed: process {exc.error_index} exited with code {exc.exit_code} "
+              "(its message is above)", file=sys.stderr)
+        raise SystemExit(USAGE if exc.exit_code == USAGE else FAILED) from None
     out_dir = args.out or default_out_dir(args, args.convention or _config_convention(cfg))
     with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
 def main(argv=None) -> int:
-    """Console entry point (``rsam-eval``): exit status 0 on success."""
-    evaluate_cli(argv)
-    return 0
+    """Console entry point (``rsam-eval``): 0 on success, 2 for bad input, 1 for a failed run."""
+    return run_command("rsam-eval", lambda: evaluate_cli(argv) and None)
 
 
 if __name__ == "__main__":

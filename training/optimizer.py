@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from rsam.errors import UserError
+
 
 @dataclass
 class GroupRule:
@@ -119,13 +121,13 @@ def layer_decay_scales(names: Sequence[str], cfg: LayerDecay) -> Dict[str, float
 def _match_rule(name: str, rules: Sequence[GroupRule]) -> GroupRule:
     hits = [r for r in rules if r.patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in r.patterns)]
     if len(hits) > 1:
-        raise ValueError(f"optim.param_groups: parameter '{name}' matches several groups "
+        raise UserError(f"optim.param_groups: parameter '{name}' matches several groups "
                          f"{[r.name for r in hits]}; make their patterns disjoint")
     if hits:
         return hits[0]
     defaults = [r for r in rules if r.patterns is None]
     if not defaults:
-        raise ValueError(f"optim.param_groups: trainable parameter '{name}' matches no group and there is no "
+        raise UserError(f"optim.param_groups: trainable parameter '{name}' matches no group and there is no "
                          "default group (a group without `patterns`)")
     return defaults[0]
 
@@ -133,11 +135,11 @@ def _match_rule(name: str, rules: Sequence[GroupRule]) -> GroupRule:
 def plan_param_groups(model: nn.Module, cfg: OptimConfig) -> List[GroupSchedule]:
     """Split the trainable parameters of ``model`` into groups; validated to cover each exactly once."""
     if sum(r.patterns is None for r in cfg.param_groups) > 1:
-        raise ValueError("optim.param_groups: at most one group may omit `patterns` (the default group)")
+        raise UserError("optim.param_groups: at most one group may omit `patterns` (the default group)")
     if cfg.no_weight_decay not in NO_WEIGHT_DECAY_RULES:
-        raise ValueError(f"optim.no_weight_decay must be one of {NO_WEIGHT_DECAY_RULES}, got {cfg.no_weight_decay!r}")
+        raise UserError(f"optim.no_weight_decay must be one of {NO_WEIGHT_DECAY_RULES}, got {cfg.no_weight_decay!r}")
     if len({r.name for r in cfg.param_groups}) != len(cfg.param_groups):
-        raise ValueError(f"optim.param_groups: duplicate group names in {[r.name for r in cfg.param_groups]}")
+        raise UserError(f"optim.param_groups: duplicate group names in {[r.name for r in cfg.param_groups]}")
     owner = {}
     for mod_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
@@ -203,7 +205,7 @@ class ScheduledOptimizer:
         saved = [g.get("name") for g in state["param_groups"]]
         current = [s.name for s in self.schedules]
         if saved != current:
-            raise ValueError(f"optimizer state in the checkpoint has groups {saved}, the config builds {current}; "
+            raise UserError(f"optimizer state in the checkpoint has groups {saved}, the config builds {current}; "
                              "the trainable parameters or optim.param_groups changed since it was saved")
         self.optimizer.load_state_dict(state)
         self.set_progress(0.0)  # lr/wd come from the schedules, never from the saved groups

@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from rsam.errors import UserError
+
 __all__ = ["resolve_precision", "make_grad_scaler"]
 
 LOG = logging.getLogger("rsam.train")
@@ -35,7 +37,7 @@ def resolve_precision(enabled: bool, dtype: str, device: torch.device) -> Tuple[
         LOG.info("precision: %s autocast on %s%s", dtype, device.type,
                  " with a GradScaler" if dtype == "float16" else "")
     else:
-        raise ValueError(f"trainer.amp.dtype must be auto, bfloat16 or float16, got {dtype!r}")
+        raise UserError(f"trainer.amp.dtype must be auto, bfloat16 or float16, got {dtype!r}")
     return _NAMES[dtype], dtype == "float16"
 
 

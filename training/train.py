@@ -5,9 +5,10 @@
     torchrun --nnodes 2 --nproc-per-node 8 ... training/train.py -c configs/rsam_b+_b.yaml
     python training/train.py -c configs/rsam_b+_b.yaml --use-cluster 1 --num-nodes 2 --num-gpus 8 --partition p
     python training/train.py -c configs/rsam_b+_b.yaml --num-gpus 0 --print-optim-plan     # lr / wd per parameter
+    python training/train.py -c configs/rsam_b+_b.yaml --num-gpus 4 --seeds 1,2,3          # a run per seed: <log dir>/seed<k>
     rsam-train -c configs/rsam_b+_b.yaml --num-gpus 4                                        # the same, installed
 
-Arguments after the flags are Hydra overrides. Where it runs:
+The other arguments, anywhere among the flags, are Hydra overrides. Where it runs:
   * under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set): this process joins that process group;
   * ``--use-cluster 1``: submits one SLURM task per GPU through submitit (``pip install submitit``);
   * otherwise locally: ``--num-gpus 0`` trains on the CPU in this process; ``--num-gpus 1`` on one GPU in this
@@ -25,6 +26,7 @@ Needs the package installed (``pip install -e .``), which is what makes ``rsam``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -32,20 +34,16 @@ import random
 import signal
 import sys
 import traceback
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rsam.cli import FAILED, INTERRUPTED, STOPPED, USAGE, run_command
+from rsam.config import compose_config
+from rsam.errors import UserError
+from training.seed_sweep import parse_seeds, seed_argvs
+
 LOG = logging.getLogger("rsam.train")
-
-
-def compose_config(config_path: str, overrides: list) -> DictConfig:
-    """Compose ``config_path`` (a YAML file; its folder is the Hydra search path) with ``overrides``."""
-    from rsam.config import compose_config as compose
-
-    try:
-        return compose(config_path, overrides)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(str(exc)) from None
 
 
 def apply_flags(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
@@ -79,8 +77,9 @@ def save_config(cfg: DictConfig, log_dir: str) -> None:
     OmegaConf.save(cfg, os.path.join(log_dir, "config_resolved.yaml"), resolve=True)
 
 
-def run_trainer(cfg: DictConfig) -> None:
-    """Entry point of every training process; ranks come from the environment."""
+def run_trainer(cfg: DictConfig) -> Optional[int]:
+    """Entry point of every training process; ranks come from the environment. Returns :data:`STOPPED` when
+    the run saved and stopped before its end, else None."""
     from training.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -88,35 +87,49 @@ def run_trainer(cfg: DictConfig) -> None:
         trainer.run()
     finally:
         trainer.close()
+    return STOPPED if trainer.stopped_early else None
 
 
-def _spawned_worker(local_rank: int, cfg: DictConfig, world_size: int, port: int) -> None:
+def _spawned_worker(local_rank: int, cfg: DictConfig, world_size: int, port: int, stopped) -> None:
+    # Its own process group: a terminal's Ctrl-C reaches only the launcher, which passes it on once.
+    os.setpgrp()
     os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    run_trainer(cfg)
+    status = run_command("rsam-train", lambda: run_trainer(cfg))
+    if status == STOPPED:  # exit 0: a non-zero exit makes the launcher terminate ranks still saving
+        stopped.value = 1
+    elif status:
+        sys.exit(status)
 
 
-def launch_local(cfg: DictConfig) -> None:
+def launch_local(cfg: DictConfig) -> Optional[int]:
     nproc = max(1, int(cfg.launcher.num_gpus))
     if nproc == 1:
-        run_trainer(cfg)
-        return
+        return run_trainer(cfg)
     import torch.multiprocessing as mp
 
     port = random.Random().randint(*cfg.launcher.get("port_range", [20000, 60000]))
-    ctx = mp.start_processes(_spawned_worker, args=(cfg, nproc, port), nprocs=nproc, start_method="spawn",
-                             join=False)
+    stopped = mp.get_context("spawn").Value("i", 0)
+    ctx = mp.start_processes(_spawned_worker, args=(cfg, nproc, port, stopped), nprocs=nproc,
+                             start_method="spawn", join=False)
 
-    # SLURM or a user signals this parent only: pass it on so that every rank saves and stops.
+    # SLURM or a user signals this parent only: pass it on so that every rank saves and stops (Ctrl-C, too:
+    # the ranks have their own process group; a hang-up still ends them, as it did before).
     def forward(signum, frame):
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    while not ctx.join():
-        pass
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        print(f"rsam-train: process {exc.error_index} exited with code {exc.exit_code} (its message is above)",
+              file=sys.stderr)
+        raise SystemExit(exc.exit_code if exc.exit_code in (USAGE, INTERRUPTED) else FAILED) from None
+    return STOPPED if stopped.value else None
 
 
 class SubmititRunner:
@@ -149,7 +162,7 @@ def launch_slurm(cfg: DictConfig) -> None:
     try:
         import submitit
     except ImportError:
-        raise SystemExit("--use-cluster 1 needs submitit: pip install submitit (or pip install -e '.[slurm]')")
+        raise UserError("--use-cluster 1 needs submitit: pip install submitit (or pip install -e '.[slurm]')") from None
     lc = cfg.launcher
     executor = submitit.AutoExecutor(folder=os.path.join(lc.experiment_log_dir, "submitit_logs"))
     params = dict(timeout_min=int(60 * lc.get("timeout_hour", 24)), nodes=int(lc.num_nodes),
@@ -177,31 +190,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--account", default=None)
     parser.add_argument("--qos", default=None)
     parser.add_argument("--log-dir", default=None, help="experiment dir (default rsam_logs/<config name>)")
+    parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="1,2,3",
+                        help="one run per seed in <log dir>/seed<k> with trainer.seed=k (training/seed_sweep.py)")
     parser.add_argument("--print-optim-plan", action="store_true",
                         help="print every trainable parameter's lr / weight decay at progress 0..1 (JSON) and exit")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=2")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=2 (anywhere among "
+                        "the flags)")
+    return parser.parse_intermixed_args(argv)
 
 
 def print_optim_plan(cfg: DictConfig) -> None:
     """The optimizer's lr / wd plan as one JSON line: model built on the meta device, no data, no files."""
     import torch
-    from hydra.utils import instantiate
 
+    from rsam.config import instantiate
     from training.optimizer import OptimConfig, optim_plan
     from training.trainer import parse_section
 
     with torch.device("meta"):
-        model = instantiate(cfg.model, _convert_="all")
+        model = instantiate(cfg.model, "the config's model node")
     print(json.dumps(optim_plan(model, parse_section(OptimConfig, cfg.optim, "optim"))))
 
 
 def main(argv=None) -> int:
+    """Console entry point (``rsam-train``): 0 when training finished, 2 for a setup error (one line), 1 when
+    the run failed, 75 (:data:`rsam.cli.STOPPED`) when it saved and stopped early (run it again to resume)."""
+    return run_command("rsam-train", lambda: train_cli(argv))
+
+
+def train_cli(argv=None) -> Optional[int]:
+    """Everything ``main`` does; user errors raise :class:`rsam.errors.UserError`."""
     args = parse_args(argv)
     cfg = compose_config(args.config, args.overrides)
     if args.print_optim_plan:
         print_optim_plan(cfg)
-        return 0
+        return None
+    if args.seeds is not None:  # each seed is this command with its own --log-dir and trainer.seed
+        base = apply_flags(copy.deepcopy(cfg), args).launcher.experiment_log_dir
+        for seed_argv in seed_argvs(sys.argv[1:] if argv is None else argv, args.seeds, base):
+            if train_cli(seed_argv) == STOPPED:
+                return STOPPED
+        return None
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if under_torchrun and args.num_gpus is None:
         args.num_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -211,14 +240,13 @@ def main(argv=None) -> int:
         save_config(cfg, log_dir)
 
     if under_torchrun:
-        run_trainer(cfg)
-    elif cfg.launcher.use_cluster:
+        return run_trainer(cfg)
+    if cfg.launcher.use_cluster:
         launch_slurm(cfg)
-    else:
-        if int(cfg.launcher.num_nodes) != 1:
-            raise SystemExit("--num-nodes > 1 needs --use-cluster 1 or torchrun")
-        launch_local(cfg)
-    return 0
+        return None
+    if int(cfg.launcher.num_nodes) != 1:
+        raise UserError("--num-nodes > 1 needs --use-cluster 1 or torchrun")
+    return launch_local(cfg)
 
 
 if __name__ == "__main__":

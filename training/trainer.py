@@ -10,13 +10,18 @@ the step (``training/step.py``), the optimizer and its schedules (``training/opt
 Invariants worth knowing:
   * the loop reads values back to the host only every ``trainer.log_every`` steps (loss values, the
     non-finite check and the preemption check are all folded into that one all-reduce); the model's own
-    forward has no host sync (tests/test_model.py runs it on the meta device, where any would fail);
+    forward has no host sync (tests/test_model.py runs it on the meta device, where any would fail); a stop
+    signal also travels every step, on a CPU process group that never waits on the GPU
+    (``training.preemption.StopAgreement``);
+  * the end-of-epoch checkpoint is written before the validation (``TrainingProgress.validate_epoch`` says
+    it is still owed), so a failing validation or ``best.pt`` write loses no training;
   * the lr/wd schedules are a function of ``step / total_steps``, so a checkpoint needs no scheduler state;
   * a checkpoint taken mid-epoch (preemption, ``stop_after_steps``) resumes the same data order, the same
     augmentations and the same RNG streams, so an interrupted run reproduces an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,80 +31,36 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rsam import distributed as D
+from rsam.atomic_files import write_text_atomically
 from rsam.build import build_rsam
 from rsam.checkpoint import (Checkpointer, TrainingProgress, initialise_from_pretrained, load_weights,
                              seed_everything)
+from rsam.checkpoint.training_state import read_init_sources
+from rsam.config import instantiate
 from rsam.data.leakage import LeakageError, report_leaks
+from rsam.errors import UserError
 from rsam.data.loaders import build_train_loader
-from rsam.evaluation import Evaluator
-from rsam.evaluation.metrics import combine_metrics
+from rsam.evaluation import EvalResult, Evaluator
+from rsam.evaluation.metrics import combine_metrics, format_metric_line
+from rsam.evaluation.per_expression import dataset_label, write_per_expression
 from rsam.evaluation.writers import PanelCollector
+from rsam.stats.records import PER_EXPRESSION_JSONL
 from training.logger import ExperimentLogger, format_metrics, progress_bar, setup_logging
 from rsam.finetune import apply_finetune, finetune_config
 from training.optimizer import OptimConfig, build_optimizer
 from training.precision import make_grad_scaler, resolve_precision
-from training.preemption import PreemptionHandler
+from training.preemption import PreemptionHandler, StopAgreement
 from training.step import TrainStep
+from training.trainer_config import TrainerConf, parse_section
 
 LOG = logging.getLogger("rsam.train")
 
 LOSS_KEYS = ("loss_mask", "loss_dice", "loss_iou", "loss_class", "core_loss")
-
-
-@dataclass
-class AmpConf:
-    enabled: bool = True
-    dtype: str = "auto"  # auto: bfloat16 where the GPU has it, else float16 + GradScaler; float32 on CPU
-
-
-@dataclass
-class CheckpointConf:
-    # Pretrained weights loaded when there is nothing to resume: list of {path, **load_weights options}.
-    init: List[Dict[str, Any]] = field(default_factory=list)
-    resume_from: Optional[str] = None  # copied to checkpoints/checkpoint.pt when that does not exist yet
-    save_every: int = 0  # also keep checkpoint_<epoch>.pt every k epochs (0: never)
-    eval_weights: Optional[str] = None  # mode val/test: weights to evaluate (ours or official); default best.pt
-
-
-@dataclass
-class TrainerConf:
-    mode: str = "train"  # train: train + val each epoch + test with the best; val / test: evaluate only
-    accelerator: str = "cuda"
-    max_epochs: int = 60
-    seed: int = 123
-    amp: AmpConf = field(default_factory=AmpConf)
-    compile: bool = False  # torch.compile the training forward; batches then have static shapes (data collate)
-    grad_accumulation: int = 1  # micro-batches per optimizer step (the step equals one over their union)
-    activation_checkpointing: Optional[str] = None  # null | trunk | all (trunk + fusion + decoder transformers)
-    log_every: int = 50  # steps between loss/lr logs (and host syncs)
-    val_every: int = 1  # epochs between validations (the last epoch is always validated)
-    metric_convention: str = "standard"
-    best_metric: str = "mIoU"  # on the val split; higher is better
-    test_split: Optional[str] = "test"  # evaluated with best.pt at the end of training; null: skip
-    num_visuals: int = 4  # validation overlays written to TensorBoard per epoch
-    progress_bar: bool = True
-    stop_after_steps: Optional[int] = None  # save and stop like a preemption after this global step
-    allow_tf32: bool = True
-    dist_timeout_min: int = 30
-    check_leakage: bool = True  # report training images that also appear (by content) in val / test
-    strict_leakage: bool = False  # ... and stop with an error
-    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
-
-
-def parse_section(schema, node, where: str):
-    """Validate a config section against a dataclass schema; unknown or mistyped keys name the section."""
-    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}  # resolve against the root
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-    except Exception as exc:  # omegaconf raises several types, all with a readable message
-        raise ValueError(f"config section '{where}': {exc}") from None
-    return OmegaConf.to_object(merged)
 
 
 class Trainer:
@@ -107,14 +68,14 @@ class Trainer:
         self.cfg = cfg
         self.opts: TrainerConf = parse_section(TrainerConf, cfg.trainer, "trainer")
         if self.opts.mode not in ("train", "val", "test"):
-            raise ValueError(f"trainer.mode must be train, val or test, got {self.opts.mode!r}")
+            raise UserError(f"trainer.mode must be train, val or test, got {self.opts.mode!r}")
         if self.opts.grad_accumulation < 1:
-            raise ValueError(f"trainer.grad_accumulation must be >= 1, got {self.opts.grad_accumulation}")
+            raise UserError(f"trainer.grad_accumulation must be >= 1, got {self.opts.grad_accumulation}")
         if self.opts.activation_checkpointing not in (None, "trunk", "all"):
-            raise ValueError("trainer.activation_checkpointing must be null, trunk or all, got "
+            raise UserError("trainer.activation_checkpointing must be null, trunk or all, got "
                              f"{self.opts.activation_checkpointing!r}")
         if self.opts.compile and not cfg.model.get("use_text_padding_mask", False):
-            raise ValueError("trainer.compile pads every expression to a fixed token length; without "
+            raise UserError("trainer.compile pads every expression to a fixed token length; without "
                              "model.use_text_padding_mask the padding would take part in the fusion and change "
                              "the results (docs/official_differences.md, B8)")
         self.finetune = finetune_config(OmegaConf.to_container(cfg.finetune, resolve=True)
@@ -135,26 +96,39 @@ class Trainer:
         self.grad_scaler = make_grad_scaler(self.device) if needs_scaler else None
         self.checkpointer = Checkpointer(os.path.join(self.log_dir, "checkpoints"), self.opts.checkpoint.save_every,
                                          trained_only=self.finetune.trained_only)
+        self.progress = TrainingProgress()
+
+        # Weight and data files first: a wrong path is one line before the model is built, not after an epoch.
+        init_sources = read_init_sources(self._base_weight_sources())
+        self.evaluators: Dict[str, Evaluator] = {}  # one per split: loaders live for the run
+        self.train_loader = self._make_train_loader() if self.opts.mode == "train" else None
+        for split in self._eval_splits():
+            self._evaluators(split)
+        if self.opts.mode == "train":
+            self._check_leakage()
 
         # Model, loss and optimizer (built on the unwrapped model, so parameter names carry no "module.").
         # Base weights before the finetune section: adapters rename the linears they wrap.
         self.model: nn.Module = build_rsam(cfg.model, device=self.device)
-        self._load_base_weights()
+        initialise_from_pretrained(self.model, init_sources)
+        del init_sources  # the pretrained tensors, no longer needed
         self.model = apply_finetune(self.model, self.finetune)
         if self.opts.activation_checkpointing:
             self.model.set_activation_checkpointing(trunk=True,
                                                     transformers=self.opts.activation_checkpointing == "all")
-        self.loss_fn: nn.Module = instantiate(cfg.loss).to(self.device)
+        self.loss_fn: nn.Module = instantiate(cfg.loss, "the config's loss").to(self.device)
         self.optim_conf: OptimConfig = parse_section(OptimConfig, cfg.optim, "optim")
         self.optim = build_optimizer(self.model, self.optim_conf, self.device)
         self._log_model_summary()
 
-        self.progress = TrainingProgress()
         self._stop = False  # set when a stop was requested at the very end of an epoch
-        self.train_loader = None
-        self.evaluators: Dict[str, Evaluator] = {}  # one per split, built on first use: loaders live for the run
-        # SIGUSR2 is submitit's preemption signal; SIGTERM / SIGUSR1 the usual SLURM and manual ones.
-        self.preemption = PreemptionHandler((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+        self.stopped_early = False  # run() returned before training and testing were done (resumable)
+        # SIGUSR2 is submitit's preemption signal; SIGTERM / SIGUSR1 the usual SLURM and manual ones; Ctrl-C
+        # while training.
+        training = self.opts.mode == "train"
+        self.preemption = PreemptionHandler((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2), interrupt=training,
+                                            step=lambda: self.progress.step)
+        self.stop_agreement = StopAgreement(self.preemption, self.dist.world_size if training else 1)
         if self.opts.mode == "train":
             self._restore()
         else:
@@ -179,34 +153,41 @@ class Trainer:
         if self.opts.mode in ("val", "test"):
             self.evaluate("val" if self.opts.mode == "val" else self.opts.test_split)
             return
-        max_epochs = self.opts.max_epochs
-        while self.progress.epoch < max_epochs:
-            finished = self.train_epoch()
-            if not finished:  # preempted or stop_after_steps mid-epoch: state is saved, leave cleanly
-                self.preemption.forward_signal()
-                return
-            epoch = self.progress.epoch
-            last = epoch == max_epochs - 1
-            if self.cfg.data.get("val") is not None and ((epoch + 1) % self.opts.val_every == 0 or last):
-                self._update_best(self.evaluate("val"))
-            self.progress.epoch += 1
-            self.progress.iteration = 0
-            self.save()
+        max_epochs, progress = self.opts.max_epochs, self.progress
+        while progress.epoch < max_epochs or progress.validate_epoch is not None:
+            if progress.validate_epoch is None:  # else: resumed from an epoch saved before its validation
+                if not self.train_epoch():  # preempted or stop_after_steps mid-epoch: state is saved
+                    self._leave()
+                    return
+                epoch = progress.epoch
+                progress.epoch += 1
+                progress.iteration = 0
+                if self.cfg.data.get("val") is not None and ((epoch + 1) % self.opts.val_every == 0
+                                                             or epoch == max_epochs - 1):
+                    progress.validate_epoch = epoch
+                self.save()  # the finished epoch is on disk before its validation (or best.pt) can fail
+            if progress.validate_epoch is not None:
+                self._update_best(self.evaluate("val", epoch=progress.validate_epoch), progress.validate_epoch)
+                progress.validate_epoch = None
+                self.save()  # with the validation's result
             # A signal may have arrived during validation, on some ranks only: agree once per epoch.
             if self._stop or D.any_rank(self.preemption.received is not None, device=self._collective_device()):
-                LOG.info("stopping after epoch %d (checkpoint saved)", epoch)
-                self.preemption.forward_signal()
+                LOG.info("stopping after epoch %d (checkpoint saved)", progress.epoch - 1)
+                self._leave()
                 return
+        self.preemption.release_interrupt()  # nothing left to save: Ctrl-C aborts the test as usual
         if self.opts.test_split and self.cfg.data.get(self.opts.test_split) is not None:
             self._load_best_weights()
             self.evaluate(self.opts.test_split)
 
+    def _leave(self) -> None:
+        """Stopped before the end (checkpoint saved): hand the signal on, exit as resumable (rsam.cli.STOPPED)."""
+        self.stopped_early = True
+        self.preemption.forward_signal()
+
     # ------------------------------------------------------------------------------------------ training
     def train_epoch(self) -> bool:
         """Train the epoch in progress from where it stands; False if stopped early (checkpoint saved)."""
-        if self.train_loader is None:  # built once: persistent workers live across epochs
-            self.train_loader = self._make_train_loader()
-            self._check_leakage()
         loader, progress = self.train_loader, self.progress
         loader.sampler.set_epoch(progress.epoch)  # the epoch's shuffle and augmentation seeds
         loader.sampler.set_start(0)
@@ -259,9 +240,8 @@ class Trainer:
 
             it = progress.iteration
             log_now = progress.step % self.opts.log_every == 0 or it == iters
-            # A signal is a Python flag: with one process it is read every step, without any sync.
-            stop = progress.step == self.opts.stop_after_steps or (
-                self.dist.world_size == 1 and self.preemption.received is not None)
+            # Every rank learns of a signal at the same step, within two steps, without a GPU sync.
+            stop = self.stop_agreement.poll() | (progress.step == self.opts.stop_after_steps)
             if log_now or stop:
                 # The only host sync of the loop: mean losses, non-finite check, preemption agreement.
                 stop |= self._sync_and_check(sums, bad_step, bad_terms, window, bar, iters, it, log_now)
@@ -329,7 +309,8 @@ class Trainer:
 
     def _make_train_loader(self):
         node = self.cfg.data.train
-        return build_train_loader(instantiate(node.dataset), instantiate(node.collate), int(node.batch_size),
+        return build_train_loader(instantiate(node.dataset, "data.train.dataset"),
+                                  instantiate(node.collate, "data.train.collate"), int(node.batch_size),
                                   int(node.num_workers), seed=self.opts.seed, rank=self.dist.rank,
                                   world_size=self.dist.world_size)
 
@@ -337,25 +318,49 @@ class Trainer:
         return self.device if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str) -> Dict[str, float]:
-        """Metrics of the current weights on ``split`` (identical on every rank)."""
+    def evaluate(self, split: str, epoch: Optional[int] = None) -> Dict[str, float]:
+        """Metrics of the current weights on ``split`` (identical on every rank); ``epoch``: the one they
+        finished (logged; default the epoch in progress)."""
         panels = PanelCollector(self.opts.num_visuals if self.dist.is_main else 0)
-        epoch, step = self.progress.epoch, self.progress.step
-        per_dataset = {}
+        epoch, step = self.progress.epoch if epoch is None else epoch, self.progress.step
+        per_dataset, results = {}, {}
         for name, evaluator in self._evaluators(split).items():
-            per_dataset[name] = evaluator.run(self.model, callbacks=[panels], device=self.device).metrics
+            results[name] = evaluator.run(self.model, callbacks=[panels], device=self.device)
+            per_dataset[name] = results[name].metrics
             LOG.info("%s (epoch %d, %d expressions, %s): %s", evaluator.name, epoch,
                      per_dataset[name]["num_expressions"], evaluator.convention.name,
-                     format_metrics(per_dataset[name], ["mIoU", "oIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9", "mDice",
-                                                        "N-acc"]))
+                     format_metric_line(per_dataset[name], ["mIoU", "oIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9",
+                                                            "mDice", "N-acc"]))
         metrics = combine_metrics(per_dataset)
+        if split == self.opts.test_split and self.dist.is_main:
+            self._write_test_results(split, results, metrics)
         self.logger.scalars({k: v for k, v in metrics.items() if not k.startswith("cat/")}, step, prefix=f"{split}/")
         self.logger.json(split, {"epoch": epoch, "step": step, **metrics})
-        for j, (sample_id, panel) in enumerate(panels.panels):
-            self.logger.image(f"{split}/overlay_{j}", panel, epoch)
-            self.logger.text(f"{split}/overlay_{j}", f"{sample_id}", epoch)
+        for j, (caption, panel) in enumerate(panels.panels):  # at the global step, like the scalars
+            self.logger.image(f"{split}/overlay_{j}", panel, step)
+            self.logger.text(f"{split}/overlay_{j}", caption, step)
         self.logger.flush()
         return metrics
+
+    def _write_test_results(self, split: str, results: Dict[str, EvalResult], metrics: Dict[str, float]) -> None:
+        """``eval_<split>/metrics.json`` and ``per_expression.jsonl`` in the experiment dir, as training/eval.py
+        writes them (what ``rsam-compare`` reads; the seed tells the runs of a sweep apart)."""
+        out_dir = os.path.join(self.log_dir, f"eval_{split}")
+        first = next(iter(results.values()))
+        tables = {dataset_label(name, self.evaluators[split][name].dataset): r.expressions
+                  for name, r in results.items()}
+        write_per_expression(os.path.join(out_dir, PER_EXPRESSION_JSONL), tables, first.convention.name,
+                             first.resolution)
+        record = {"split": split, "convention": first.convention.name, "resolution": first.resolution,
+                  "convention_description": first.convention.describe(), "seed": self.opts.seed,
+                  "epoch": self.progress.best.get("epoch"), "metrics": metrics}
+        write_text_atomically(os.path.join(out_dir, "metrics.json"), json.dumps(record, indent=1))
+        LOG.info("%s results: %s", split, out_dir)
+
+    def _eval_splits(self) -> List[str]:
+        """The splits this mode evaluates that the config has."""
+        wanted = {"train": ["val", self.opts.test_split], "val": ["val"], "test": [self.opts.test_split]}
+        return [s for s in wanted[self.opts.mode] if s and self.cfg.data.get(s) is not None]
 
     def _evaluators(self, split: str) -> Dict[str, Evaluator]:
         """The split's evaluators: ``{"": one}`` for a ``data.<split>`` section, ``{name: ...}`` for a mapping of
@@ -363,10 +368,12 @@ class Trainer:
         if split not in self.evaluators:
             node = self.cfg.data.get(split)
             if node is None:
-                raise ValueError(f"no data.{split} section in the config")
+                raise UserError(f"no data.{split} section in the config")
             sections = {"": node} if "dataset" in node else dict(node.items())
             self.evaluators[split] = {name: Evaluator(
-                instantiate(sec.dataset), instantiate(sec.collate), int(sec.batch_size), int(sec.num_workers),
+                instantiate(sec.dataset, f"data.{split}.{name}.dataset" if name else f"data.{split}.dataset"),
+                instantiate(sec.collate, f"data.{split}.{name}.collate" if name else f"data.{split}.collate"),
+                int(sec.batch_size), int(sec.num_workers),
                 convention=self.opts.metric_convention, amp_dtype=self.amp_dtype,
                 progress=self.dist.is_main and self.opts.progress_bar, name=f"{split}/{name}" if name else split,
                 rank=self.dist.rank, world_size=self.dist.world_size) for name, sec in sections.items()}
@@ -388,14 +395,14 @@ class Trainer:
         if D.any_rank(failed is not None, device=self._collective_device()):
             raise failed or LeakageError("the leakage guard failed on rank 0 (see its log)")
 
-    def _update_best(self, metrics: Dict[str, float]) -> None:
+    def _update_best(self, metrics: Dict[str, float], epoch: int) -> None:
         key, best = self.opts.best_metric, self.progress.best
         if key not in metrics:
-            raise KeyError(f"trainer.best_metric={key!r} is not among the val metrics {sorted(metrics)}")
+            raise UserError(f"trainer.best_metric={key!r} is not among the val metrics {sorted(metrics)}")
         if not best or metrics[key] > best[key]:
-            self.progress.best = {key: metrics[key], "epoch": self.progress.epoch, "step": self.progress.step,
+            self.progress.best = {key: metrics[key], "epoch": epoch, "step": self.progress.step,
                                   "metrics": metrics}
-            LOG.info("new best val %s %.4f at epoch %d", key, metrics[key], self.progress.epoch)
+            LOG.info("new best val %s %.4f at epoch %d", key, metrics[key], epoch)
             self.checkpointer.save_best(self.model, self.progress, self._plain_config())
 
     def _load_eval_weights(self) -> None:
@@ -427,18 +434,22 @@ class Trainer:
         """Write checkpoints/checkpoint.pt (a collective: every rank contributes its RNG state)."""
         self.checkpointer.save(self.model, self.optim, self.progress, self._plain_config(), self.grad_scaler)
 
-    def _load_base_weights(self) -> None:
+    def _base_weight_sources(self) -> List[Dict[str, Any]]:
         """``checkpoint.init`` (pretrained SAM 2.1 / BERT) unless a full checkpoint replaces them anyway: a run
         with nothing to resume starts from them, and a LoRA run's checkpoints hold only what it trained."""
         ckpt = self.opts.checkpoint
-        if self.opts.mode == "train" and ckpt.resume_from:
-            self.checkpointer.adopt(ckpt.resume_from)
-        replaced = self.checkpointer.has_resume() if self.opts.mode == "train" else True
-        if ckpt.init and (self.finetune.trained_only or not replaced):
-            initialise_from_pretrained(self.model, [dict(s) for s in ckpt.init])
+        replaced = True
+        if self.opts.mode == "train":
+            replaced = self.checkpointer.has_resume()
+            if ckpt.resume_from and not replaced:
+                if not os.path.isfile(ckpt.resume_from):
+                    raise FileNotFoundError(f"trainer.checkpoint.resume_from: {ckpt.resume_from} does not exist")
+                replaced = True
+        return [dict(s) for s in ckpt.init] if ckpt.init and (self.finetune.trained_only or not replaced) else []
 
     def _restore(self) -> None:
-        restored = self.checkpointer.restore(self.model, self.optim, self.grad_scaler)
+        restored = self.checkpointer.restore(self.model, self.optim, self.grad_scaler,
+                                             resume_from=self.opts.checkpoint.resume_from)
         if restored is not None:
             self.progress = restored
 
@@ -456,6 +467,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.stop_agreement.close()
         self.preemption.restore()
         D.barrier()
         D.destroy_distributed()

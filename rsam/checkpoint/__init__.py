@@ -1,5 +1,7 @@
-"""Checkpoints: one reader and loader for every weight file (:mod:`.weights`), one writer of training state
-(:mod:`.training_state`)."""
+"""Checkpoints: one reader and loader for every weight source (:mod:`.weights`; pretrained directories and Hub
+ids: :mod:`.pretrained_dir`), the checks and builder for the configs stored with weights (:mod:`.stored_config`),
+one writer of training state (:mod:`.training_state`)."""
+from rsam.checkpoint.stored_config import StoredConfigError, build_stored, check_stored_config, register_stored_builder
 from rsam.checkpoint.training_state import (
     BEST_NAME,
     RESUME_NAME,
@@ -10,6 +12,7 @@ from rsam.checkpoint.training_state import (
     training_progress,
 )
 from rsam.checkpoint.weights import (
+    KINDS,
     OFFICIAL_VIDEO_LEFTOVERS,
     Checkpoint,
     CheckpointError,
@@ -26,6 +29,11 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Checkpointer",
+    "KINDS",
+    "StoredConfigError",
+    "build_stored",
+    "check_stored_config",
+    "register_stored_builder",
     "LoadReport",
     "OFFICIAL_VIDEO_LEFTOVERS",
     "TrainingProgress",

@@ -12,10 +12,16 @@ skips them when resuming). ``best.pt`` holds the same without optimizer and RNG 
 trains in ``"model"`` and ``"trained_only": True``: loading it needs the base weights its config names
 (:func:`rsam.build.build_from_checkpoint` does that).
 
+Every file the :class:`Checkpointer` writes also holds ``"sha256"``, the checksum of the rest
+(:mod:`rsam.checkpoint.integrity`), verified before the file is used. The resume checkpoint keeps its
+predecessor as ``checkpoint.prev.pt``: a damaged ``checkpoint.pt`` is reported in one line and training
+resumes from the previous one, never from the damaged file.
+
 :class:`Checkpointer` is the only writer; every reader goes through :func:`rsam.checkpoint.read_checkpoint`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -28,15 +34,19 @@ import torch
 from torch import nn
 
 from rsam import distributed
+from rsam.atomic_files import atomic_path
+from rsam.checkpoint.checkpoint import Checkpoint
+from rsam.checkpoint.integrity import DamagedCheckpointError, verify, with_checksum
 from rsam.checkpoint.weights import CheckpointError, load_weights, read_checkpoint
 from rsam.finetune import load_trained_state_dict, trained_state_dict
 
 __all__ = ["Checkpointer", "TrainingProgress", "get_rng_state", "set_rng_state", "seed_everything",
-           "RESUME_NAME", "BEST_NAME"]
+           "RESUME_NAME", "PREVIOUS_NAME", "BEST_NAME"]
 
 log = logging.getLogger(__name__)
 
 RESUME_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"  # the resume checkpoint before the last one
 BEST_NAME = "best.pt"
 
 
@@ -48,6 +58,7 @@ class TrainingProgress:
     step: int = 0  # optimizer steps done (the schedules' position)
     iteration: int = 0  # steps done in ``epoch`` (the sampler's position)
     best: Dict[str, Any] = field(default_factory=dict)  # best validation result so far
+    validate_epoch: Optional[int] = None  # a finished epoch whose validation has not run yet (training/trainer.py)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -85,14 +96,10 @@ def seed_everything(seed: int) -> None:
 
 
 def save_atomically(path: str, state: Mapping[str, Any]) -> None:
-    """Write ``state`` to ``path`` so that a crash mid-write leaves the previous file intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``state`` and its checksum to ``path`` so that a crash mid-write leaves the previous file intact."""
+    state = with_checksum(state)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 # ---------------------------------------------------------------------------------------------- checkpointer
@@ -109,6 +116,7 @@ class Checkpointer:
         self.directory = directory
         self.save_every = int(save_every)
         self.trained_only = bool(trained_only)  # write only the parameters with requires_grad (LoRA runs)
+        self._resume_damaged = False  # checkpoint.pt failed its check: never keep it as checkpoint.prev.pt
 
     def _model_state(self, model: nn.Module) -> Dict[str, Any]:
         if self.trained_only:
@@ -116,7 +124,10 @@ class Checkpointer:
         return {"model": model.state_dict()}
 
     def load_model_state(self, model: nn.Module, path: str) -> Any:
-        ckpt = read_checkpoint(path)
+        return self._load_model_state(model, read_intact(path))
+
+    def _load_model_state(self, model: nn.Module, ckpt: Checkpoint) -> Checkpoint:
+        path = ckpt.source
         if bool(ckpt.extra.get("trained_only")) != self.trained_only:
             raise CheckpointError(f"{path}: written {'with' if ckpt.extra.get('trained_only') else 'without'} "
                                   "LoRA adapters (trained_only), but this run's finetune config says otherwise")
@@ -134,8 +145,13 @@ class Checkpointer:
     def best_file(self) -> str:
         return os.path.join(self.directory, BEST_NAME)
 
+    @property
+    def previous_file(self) -> str:
+        return os.path.join(self.directory, PREVIOUS_NAME)
+
     def has_resume(self) -> bool:
-        return os.path.isfile(self.resume_file)
+        """Whether this experiment has a resume checkpoint (the last one or its predecessor)."""
+        return os.path.isfile(self.resume_file) or os.path.isfile(self.previous_file)
 
     # ------------------------------------------------------------------------------------------ writing
     def save(self, model: nn.Module, optimizer, progress: TrainingProgress, config: Mapping,
@@ -144,14 +160,42 @@ class Checkpointer:
         rng = distributed.all_gather_object(get_rng_state())
         if distributed.rank() == 0:
             extra = {"grad_scaler": grad_scaler.state_dict()} if grad_scaler is not None else {}
-            save_atomically(self.resume_file, {
+            self._write_resume({
                 **self._model_state(model), "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
-                "step": progress.step, "iteration": progress.iteration, "best": progress.best, "rng": rng,
-                "config": dict(config), **extra})
+                "step": progress.step, "iteration": progress.iteration, "best": progress.best,
+                "validate_epoch": progress.validate_epoch, "rng": rng, "config": dict(config), **extra})
             if self.save_every and progress.step > 0 and progress.iteration == 0 \
                     and progress.epoch % self.save_every == 0:
-                shutil.copyfile(self.resume_file, os.path.join(self.directory, f"checkpoint_{progress.epoch}.pt"))
+                with atomic_path(os.path.join(self.directory, f"checkpoint_{progress.epoch}.pt")) as tmp:
+                    shutil.copyfile(self.resume_file, tmp)
         distributed.barrier()
+
+    def _write_resume(self, state: Mapping[str, Any]) -> None:
+        """Write checkpoint.pt; the one it replaces becomes checkpoint.prev.pt once the new one is complete.
+
+        The current file is hard-linked to a pending name first (no copy, no space), so that a failed write
+        (a full disk) leaves checkpoint.pt and checkpoint.prev.pt as they were.
+        """
+        pending = os.path.join(self.directory, f".{PREVIOUS_NAME}.pending")
+        keep = os.path.isfile(self.resume_file) and not self._resume_damaged
+        if keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)
+            try:
+                os.link(self.resume_file, pending)
+            except OSError:  # a file system without hard links: copy the current file over the previous one
+                with atomic_path(self.previous_file) as tmp:
+                    shutil.copyfile(self.resume_file, tmp)
+                keep = False
+        try:
+            save_atomically(self.resume_file, state)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)
+            raise
+        if keep:
+            os.replace(pending, self.previous_file)
+        self._resume_damaged = False
 
     def save_best(self, model: nn.Module, progress: TrainingProgress, config: Mapping) -> None:
         """Write ``best.pt``: the weights and counters of the best validation so far."""
@@ -161,29 +205,31 @@ class Checkpointer:
                                              "best": progress.best, "config": dict(config)})
         distributed.barrier()
 
-    def adopt(self, path: str) -> None:
-        """Copy ``path`` to the resume checkpoint unless this experiment already has one (``resume_from``)."""
-        if distributed.rank() == 0 and not self.has_resume():
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"trainer.checkpoint.resume_from: {path} does not exist")
-            os.makedirs(self.directory, exist_ok=True)
-            shutil.copyfile(path, self.resume_file)
-        distributed.barrier()
-
     # ------------------------------------------------------------------------------------------ reading
-    def restore(self, model: nn.Module, optimizer=None, grad_scaler=None) -> Optional[TrainingProgress]:
+    def restore(self, model: nn.Module, optimizer=None, grad_scaler=None,
+                resume_from: Optional[str] = None) -> Optional[TrainingProgress]:
         """Load the resume checkpoint into ``model`` (and ``optimizer``, ``grad_scaler``), restore this rank's
         RNG states.
 
+        Tries checkpoint.pt, then checkpoint.prev.pt; an experiment with neither starts from ``resume_from``
+        (``trainer.checkpoint.resume_from``), which is copied to checkpoint.pt only once it has loaded.
         Returns the progress to continue from, or None when there is nothing to resume.
         """
-        if not self.has_resume():
+        candidates = [p for p in (self.resume_file, self.previous_file) if os.path.isfile(p)]
+        adopting = not candidates and bool(resume_from)
+        if adopting:
+            if not os.path.isfile(resume_from):
+                raise FileNotFoundError(f"trainer.checkpoint.resume_from: {resume_from} does not exist")
+            candidates = [resume_from]
+        if not candidates:
             return None
-        ckpt = self.load_model_state(model, self.resume_file)
-        progress = training_progress(ckpt.extra, self.resume_file)
+        ckpt = self._first_intact(candidates)
+        source = ckpt.source
+        progress = training_progress(ckpt.extra, source)
+        self._load_model_state(model, ckpt)
         if optimizer is not None:
             if "optimizer" not in ckpt.extra:
-                raise CheckpointError(f"{self.resume_file}: has no optimizer state to resume training from")
+                raise CheckpointError(f"{source}: has no optimizer state to resume training from")
             optimizer.load_state_dict(ckpt.extra["optimizer"])
         if grad_scaler is not None and "grad_scaler" in ckpt.extra:
             grad_scaler.load_state_dict(ckpt.extra["grad_scaler"])
@@ -193,9 +239,29 @@ class Checkpointer:
             set_rng_state(rng[distributed.rank()])
         else:
             log.warning("%s has RNG states for %d ranks, this run has %d: the RNG streams are re-seeded",
-                        self.resume_file, len(rng), world)
-        log.info("resumed from %s: epoch %d, step %d", self.resume_file, progress.epoch, progress.step)
+                        source, len(rng), world)
+        if adopting and distributed.rank() == 0:  # it loaded: now it becomes this experiment's checkpoint
+            with atomic_path(self.resume_file) as tmp:
+                shutil.copyfile(resume_from, tmp)
+        distributed.barrier()
+        log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.step)
         return progress
+
+    def _first_intact(self, paths: List[str]) -> Checkpoint:
+        """The first of ``paths`` that reads and matches its checksum; each one skipped is one warning line."""
+        problems = []
+        for path in paths:
+            try:
+                ckpt = read_intact(path)
+            except DamagedCheckpointError as exc:
+                problems.append(str(exc))
+                self._resume_damaged |= path == self.resume_file
+                log.warning("%s%s", exc, "; trying the previous checkpoint" if path != paths[-1] else "")
+                continue
+            return ckpt
+        advice = (f"; move the damaged files out of {self.directory} to start again"
+                  if self.resume_file in paths else "")
+        raise DamagedCheckpointError("no intact checkpoint to resume from: " + "; ".join(problems) + advice)
 
     def load_best(self, model: nn.Module) -> bool:
         """Load ``best.pt`` into ``model``; False when there is none (no validation ran)."""
@@ -205,21 +271,59 @@ class Checkpointer:
         return True
 
 
+def read_intact(path: str) -> Checkpoint:
+    """:func:`read_checkpoint` of a file this module wrote, verified against its checksum.
+
+    A file that does not read, or no longer matches, raises :class:`DamagedCheckpointError`; a file from
+    before checksums were stored is read as it is (one log line says so).
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as exc:  # flipped bytes surface as any of read_checkpoint's complaints
+        detail = str(exc).removeprefix(f"{path}: ")
+        raise DamagedCheckpointError(f"{path} is damaged: {detail}") from None
+    if verify(ckpt) is None:
+        log.info("%s has no checksum (written before checksums were stored): using it unverified", path)
+    return ckpt
+
+
 def training_progress(extra: Mapping[str, Any], source: str) -> TrainingProgress:
     """The counters of a training checkpoint's top-level entries (``iteration`` defaults to 0)."""
     missing = [k for k in ("epoch", "step") if k not in extra]
     if missing:
         raise CheckpointError(f"{source} is not a training checkpoint of this project (no {missing})")
+    pending = extra.get("validate_epoch")
     return TrainingProgress(epoch=int(extra["epoch"]), step=int(extra["step"]),
-                            iteration=int(extra.get("iteration", 0)), best=dict(extra.get("best") or {}))
+                            iteration=int(extra.get("iteration", 0)), best=dict(extra.get("best") or {}),
+                            validate_epoch=None if pending is None else int(pending))
+
+
+def read_init_sources(sources: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Read each pretrained source of :func:`initialise_from_pretrained` now, before anything is built, so that
+    a missing or refused file is reported first; the result loads with :func:`initialise_from_pretrained`
+    without reading anything again."""
+    read = []
+    for src in sources:
+        path = src["path"]
+        try:
+            ckpt = read_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"trainer.checkpoint.init: pretrained weights not found: {path} "
+                                    "(see checkpoints/README.md to download them)") from None
+        read.append({**src, "checkpoint": ckpt})
+    return read
 
 
 def initialise_from_pretrained(model: nn.Module, sources: List[Mapping[str, Any]]) -> None:
-    """Load each pretrained source (``{"path": ..., **load_weights options}``) in order."""
+    """Load each pretrained source (``{"path": ..., **load_weights options}``: any weights source that
+    :func:`rsam.checkpoint.read_checkpoint` reads, a Hub repo id included) in order."""
     for src in sources:
         src = dict(src)
         path = src.pop("path")
-        if not os.path.exists(path):
+        ckpt = src.pop("checkpoint", None)  # already read (read_init_sources)
+        try:
+            report = load_weights(model, path if ckpt is None else ckpt, **src)
+        except FileNotFoundError:
             raise FileNotFoundError(f"trainer.checkpoint.init: pretrained weights not found: {path} "
-                                    "(see checkpoints/README.md to download them)")
-        log.info("initialising from %s %s: %s", path, src or "", load_weights(model, path, **src))
+                                    "(see checkpoints/README.md to download them)") from None
+        log.info("initialising from %s %s: %s", path, src or "", report)

@@ -38,6 +38,10 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from rsam.checkpoint.checkpoint import KINDS, Checkpoint, CheckpointError, StateDict
+from rsam.checkpoint import pretrained_dir
+from rsam.checkpoint.stored_config import check_stored_config
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -46,12 +50,12 @@ __all__ = [
     "read_checkpoint",
     "read_torch_file",
     "detect_format",
+    "KINDS",
     "OFFICIAL_VIDEO_LEFTOVERS",
 ]
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, torch.Tensor]
 
 # Official RSAM modules that only exist because RSAM subclasses SAM 2's video model; our model has none.
 OFFICIAL_VIDEO_LEFTOVERS = (
@@ -68,10 +72,6 @@ BERT_STRUCTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_
                          "intermediate_size", "max_position_embeddings", "type_vocab_size")
 
 _MAX_LISTED = 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model (missing, unexpected or mis-shaped keys, unknown layout)."""
 
 
 @dataclass
@@ -147,27 +147,16 @@ def _read_hf_bert_dir(path: Path) -> tuple[StateDict, dict]:
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
 
 
-@dataclass
-class Checkpoint:
-    """What :func:`read_checkpoint` found.
+def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint], revision: Optional[str] = None,
+                    **hub: Any) -> Checkpoint:
+    """The one answer to "what is this weights source, and what does it hold" -> a :class:`Checkpoint`.
 
-    state_dict: flat ``{name: tensor}``; config: the resolved config stored with our checkpoints (else None);
-    extra: the other top-level entries of a training checkpoint (``optimizer``, ``epoch``, ``step``, ``rng``,
-    ...); bert_config: the ``config.json`` of an HF BERT directory.
-    """
-
-    source: str
-    state_dict: StateDict
-    config: Optional[dict] = None
-    extra: dict = field(default_factory=dict)
-    bert_config: Optional[dict] = None
-
-
-def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint]) -> Checkpoint:
-    """Read any weight file RSAM accepts into a :class:`Checkpoint`.
-
-    Accepts a file (``.pt``/``.pth``/``.bin``/``.safetensors``), an HF BERT directory, an in-memory dict (a state
-    dict, or a checkpoint holding one under ``"model"``) or a :class:`Checkpoint` (returned as is).
+    Accepts a file (``.pt``/``.pth``/``.bin``/``.safetensors``: ours, official RSAM, SAM 2.1, BERT), a pretrained
+    directory, an HF BERT directory, a Hub repo id (``"user/name"``, with ``revision`` and ``hub`` =
+    ``cache_dir`` / ``local_files_only`` / ``token``; see :func:`.pretrained_dir.resolve_pretrained`), an
+    in-memory dict (a state dict, or a checkpoint holding one under ``"model"``) or a :class:`Checkpoint`
+    (returned as is). A stored config is checked before it is returned: a file whose config names anything but
+    RSAM's own builders, or holds other than plain values, is refused (:class:`.StoredConfigError`).
     """
     if isinstance(source, Checkpoint):
         return source
@@ -176,8 +165,12 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint]) -> Che
         obj, name = source, "<state dict>"
     else:
         path = Path(source).expanduser()
+        if revision is not None or hub or (not path.exists() and pretrained_dir.looks_like_repo_id(os.fspath(source))):
+            return pretrained_dir.read_pretrained(pretrained_dir.resolve_pretrained(source, revision, **hub))
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        if pretrained_dir.is_pretrained_dir(path):
+            return pretrained_dir.read_pretrained(path)
         name = str(path)
         if path.is_dir():
             obj, bert_config = _read_hf_bert_dir(path)
@@ -190,7 +183,7 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint]) -> Che
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         extra = {k: v for k, v in obj.items() if k != "model"}
         config = extra.pop("config", None)
-        config = dict(config) if isinstance(config, Mapping) else None
+        config = check_stored_config(config, name, "config") if config is not None else None
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{name}: expected a (non-empty) state dict or {{'model': state_dict}}, "
@@ -204,7 +197,9 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping, Checkpoint]) -> Che
     while prefix is not None:
         sd = {k[len(prefix):]: v for k, v in sd.items()}
         prefix = _wrapper_prefix(sd)
-    return Checkpoint(source=name, state_dict=sd, config=config, extra=extra, bert_config=bert_config)
+    fmt = detect_format(sd)
+    kind = fmt if fmt != "rsam" else ("training" if config is not None else "official")
+    return Checkpoint(source=name, state_dict=sd, config=config, extra=extra, bert_config=bert_config, kind=kind)
 
 
 def _wrapper_prefix(sd: Mapping[str, torch.Tensor]) -> Optional[str]:

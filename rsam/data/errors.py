@@ -1,6 +1,8 @@
 """The error every dataset reader raises for bad input: it names the file and the problem."""
 from __future__ import annotations
 
+from rsam.errors import UserError
+
 __all__ = ["DataError", "COUNT_KEYS"]
 
 # Kinds of bad input (``DataError.reason``), counted per kind when ``skip_bad_samples`` skips them. All but
@@ -8,7 +10,7 @@ __all__ = ["DataError", "COUNT_KEYS"]
 COUNT_KEYS = ("missing_file", "image", "json", "field", "size", "description", "no_annotations", "zero_area")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad dataset input. ``str(err)`` is ``"<file>: <problem>"``; ``reason`` is one of ``COUNT_KEYS``."""
 
     def __init__(self, path: str, problem: str, reason: str):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rsam.errors import UserError
+
 __all__ = ["ImageInput", "ImageInputError", "load_image"]
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError):
     """An image that cannot be used as RSAM input; the message says what and how to fix it."""
 
 
@@ -120,7 +122,8 @@ def load_image(image: ImageInput) -> np.ndarray:
                 return _from_pil(im, path)
         except ImageInputError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # DecompressionBombError: PIL's guard (PIL.Image.MAX_IMAGE_PIXELS) refused the header's size
             raise ImageInputError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from None
     if isinstance(image, Image.Image):
         return _from_pil(image, "image")

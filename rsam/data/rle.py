@@ -1,24 +1,38 @@
-"""COCO run-length encoding: decoding compressed / uncompressed RLEs into boolean masks, and encoding them.
+"""COCO run-length encoding: every RLE checked here before pycocotools sees it, then decoded by pycocotools.
 
-COCO RLEs are column-major run lengths starting with a background run; the compressed form packs them into
-a string (5 data bits per character, offset 48). Compressed strings are decoded by the C extension
-``rsam._rle`` (rsam/csrc/coco_rle.c) straight into row-major masks. Where it is not built, short strings are
-decoded here in numpy (a few slice writes per object) and long ones by pycocotools; uncompressed (list) RLEs
-always take the numpy path.
+COCO RLEs are column-major run lengths starting with a background run. The compressed form packs each value
+into characters '0'..'o' (5 data bits each, offset 48; 0x20 = another character follows, 0x10 in the last one =
+negative), and from the third run on stores the difference to the run two before.
+
+pycocotools' C parser trusts its input: it reads past a NUL that follows a continuation character (a heap
+overflow), and it writes masks from runs that need not add up to the mask. So :func:`check_rle` parses every
+string (and every uncompressed counts list) in numpy first and refuses it unless each character is in the
+alphabet, each value ends inside the string, no run is negative and the runs add up to exactly height x width.
+Every path to pycocotools in RSAM goes through this module: :func:`decode_rles`, :func:`rle_area`,
+:func:`compress_counts`, :func:`polygons_to_rle` and :func:`encode_rle` (the predictor's output).
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Sequence
+import math
+from typing import List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-try:
-    from rsam import _rle
-except ImportError:  # built by setup.py when a C compiler is found; numpy + pycocotools are the fallback
-    _rle = None
+from rsam.data.limits import MAX_PICTURE_PIXELS
 
-__all__ = ["RLEError", "rle_counts", "fill_rle", "decode_rles", "encode_rle", "FAST_RLE_MAX_CHARS"]
+__all__ = ["RLEError", "check_size", "check_rle", "rle_area", "decode_rles", "compress_counts", "polygons_to_rle",
+           "encode_rle"]
+
+Counts = Union[str, bytes, List[int]]
+
+# A run is at most MAX_PICTURE_PIXELS < 2**32 (pycocotools stores runs as uint32); with its sign, a stored value
+# (a run, or the difference of two) needs at most 34 bits: 7 characters of 5 bits.
+_MAX_VALUE_CHARS = 7
+_FIRST, _LAST = ord("0"), ord("0") + 63
+# A polygon's outline is rasterised point by point (pycocotools allocates one entry per pixel of outline): the
+# outlines of one annotation may not be longer than this many times the picture's height + width.
+_MAX_OUTLINE_PER_SIDE = 1000
 
 
 class RLEError(ValueError):
@@ -32,100 +46,146 @@ class RLEError(ValueError):
         return (RLEError, (self.positions, self.problem, self.wrong_size))
 
 
-# Without rsam._rle, compressed RLE strings up to this length are decoded by rle_counts + fill_rle (a few hundred
-# column slices for a typical object, ~3x faster than pycocotools' byte loop plus the transpose its column-major
-# output needs); longer ones (very fragmented masks) go to pycocotools, whose cost does not grow with the number
-# of runs.
-FAST_RLE_MAX_CHARS = 1500
+def check_size(size) -> Tuple[int, int]:
+    """``[h, w]`` of an RLE -> (h, w). Raises ValueError unless both are positive integers and the mask is at most
+    ``MAX_PICTURE_PIXELS`` (rsam/data/limits.py)."""
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"size must be [height, width], two positive integers, got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    if h * w > MAX_PICTURE_PIXELS:
+        raise ValueError(f"size {h}x{w} is over the limit of {MAX_PICTURE_PIXELS} pixels for a dataset mask")
+    return h, w
 
 
-def rle_counts(counts: bytes) -> List[int]:
-    """Run lengths of a compressed COCO RLE string (column-major, starting with a background run).
-
-    The COCO code: 5 data bits per character (offset 48), 0x20 = another character follows, 0x10 in the last
-    character = negative; from the third run on, each value is stored as the difference to the run two before.
-    """
-    runs: List[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x = k = 0
-        while True:
-            if p >= n:
-                raise ValueError("truncated RLE string")
-            c = counts[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            p += 1
-            k += 1
-            if not c & 0x20:
-                if c & 0x10:
-                    x |= -1 << (5 * k)
-                break
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
+def _runs_of_string(counts: bytes, pixels: int) -> np.ndarray:
+    """The run lengths of a compressed counts string, each checked; raises ValueError saying what is wrong."""
+    if not counts:
+        raise ValueError("the counts string is empty")
+    if len(counts) > _MAX_VALUE_CHARS * (pixels + 1):
+        raise ValueError(f"the counts string has {len(counts)} characters, more than any {pixels}-pixel mask needs")
+    codes = np.frombuffer(counts, np.uint8)
+    outside = np.flatnonzero((codes < _FIRST) | (codes > _LAST))
+    if outside.size:
+        i = int(outside[0])
+        raise ValueError(f"character {counts[i:i + 1]!r} at position {i} is not in the RLE alphabet '0'..'o'")
+    c = codes.astype(np.int64) - _FIRST
+    ends = np.flatnonzero((c & 0x20) == 0)  # the last character of each value
+    if ends.size == 0 or ends[-1] != len(counts) - 1:
+        raise ValueError("the last value is not terminated (the string is cut short)")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    chars = ends - starts + 1
+    if chars.max() > _MAX_VALUE_CHARS:
+        j = int(np.argmax(chars))
+        raise ValueError(f"value {j} spans {int(chars[j])} characters; no count of a mask needs more than "
+                         f"{_MAX_VALUE_CHARS}")
+    digit = np.arange(len(c)) - np.repeat(starts, chars)
+    values = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
+    negative = (c[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * chars[negative])  # the sign bit extends over the upper bits
+    runs = values.copy()  # from the third run on, each value is the difference to the run two before
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
     return runs
 
 
-def fill_rle(runs: Sequence[int], out: np.ndarray) -> None:
-    """Paint column-major run lengths into a row-major bool mask ``out`` (H,W) that is all False.
+def _checked_runs(runs: np.ndarray, h: int, w: int) -> int:
+    """Foreground pixels of run lengths ``runs`` for an h x w mask; raises ValueError unless they tile it."""
+    negative = np.flatnonzero(runs < 0)
+    if negative.size:
+        raise ValueError(f"run {int(negative[0])} is negative ({int(runs[negative[0]])})")
+    total = int(runs.sum())
+    if total != h * w:
+        raise ValueError(f"the runs add up to {total} pixels, a {h}x{w} mask has {h * w}")
+    return int(runs[1::2].sum())
 
-    Every foreground run is cut at column boundaries into vertical segments, each written as one slice.
-    """
-    h, w = out.shape
-    lengths = np.asarray(runs, dtype=np.int64)
-    if (lengths < 0).any() or int(lengths.sum()) != h * w:
-        raise ValueError(f"run lengths sum to {int(lengths.sum())} (negative: {bool((lengths < 0).any())}) for a {h}x{w} mask")
-    ends = np.cumsum(lengths)
-    start, end = (ends - lengths)[1::2], ends[1::2]  # foreground runs: [start, end) in column-major order
-    nonempty = end > start
-    start, end = start[nonempty], end[nonempty]
-    first_col, last_col = start // h, (end - 1) // h
-    pieces = last_col - first_col + 1
-    run = np.repeat(np.arange(len(start)), pieces)
-    offset = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    col = first_col[run] + offset
-    row0 = np.where(offset == 0, start[run] - col * h, 0)
-    row1 = np.where(col == last_col[run], end[run] - col * h, h)
-    for c, r0, r1 in zip(col.tolist(), row0.tolist(), row1.tolist()):
-        out[r0:r1, c] = True
+
+def check_rle(counts: Counts, h: int, w: int) -> int:
+    """Check an RLE's counts (compressed str / bytes, or an uncompressed list of runs) for an h x w mask (sizes
+    from :func:`check_size`) -> its foreground pixel count. Raises ValueError saying what is wrong."""
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"character {e.object[e.start]!r} at position {e.start} is not in the RLE alphabet "
+                             "'0'..'o'") from None
+    if isinstance(counts, bytes):
+        return _checked_runs(_runs_of_string(counts, h * w), h, w)
+    if isinstance(counts, list):
+        bad = next((i for i, v in enumerate(counts) if not isinstance(v, int) or isinstance(v, bool)
+                    or not 0 <= v <= h * w), None)
+        if bad is not None:
+            raise ValueError(f"counts[{bad}] = {counts[bad]!r} is not a run length (an integer 0..{h * w})")
+        return _checked_runs(np.asarray(counts, np.int64), h, w)
+    raise ValueError(f"counts must be a string or a list of run lengths, got {type(counts).__name__}")
+
+
+def rle_area(rle: Mapping) -> int:
+    """Foreground pixels of a checked ``{"size": [h, w], "counts": ...}`` RLE. Raises ValueError."""
+    h, w = check_size(rle.get("size"))
+    return check_rle(rle.get("counts"), h, w)
+
+
+def compress_counts(counts: List[int], h: int, w: int) -> dict:
+    """An uncompressed RLE (a list of runs) -> ``{"size": [h, w], "counts": bytes}``, checked first."""
+    check_rle(counts, h, w)
+    return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+
+
+def _check_polygons(polygons: list, h: int, w: int) -> None:
+    reach = h + w  # coordinates may stray outside the picture, but not far
+    outline = 0.0
+    for k, poly in enumerate(polygons):
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            raise ValueError(f"polygon {k} must be a list of at least 3 x, y pairs")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   and -reach <= v <= 2 * reach for v in poly):
+            raise ValueError(f"polygon {k} has a coordinate that is not a number within {-reach}..{2 * reach}")
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+        outline += float(np.abs(xy - np.roll(xy, 1, axis=0)).max(axis=1).sum())
+    if outline > _MAX_OUTLINE_PER_SIDE * reach:
+        raise ValueError(f"the polygons' outlines are {outline:.0f} px long, over {_MAX_OUTLINE_PER_SIDE} x "
+                         f"(height + width)")
+
+
+def polygons_to_rle(polygons: list, h: int, w: int) -> dict:
+    """COCO polygons (lists of x, y) of an h x w picture -> their union as one compressed RLE, checked first."""
+    if not polygons:
+        raise ValueError("no polygon")
+    _check_polygons(polygons, h, w)
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
 
 
 def decode_rles(segmentations: Sequence[Mapping], height: int, width: int) -> np.ndarray:
-    """``{"size": [h, w], "counts": bytes | str | list[int]}`` RLEs, all (height, width) -> bool (k, H, W).
+    """``{"size": [h, w], "counts": bytes | str | list[int]}`` RLEs, all (height, width) -> bool (k, H, W),
+    C-contiguous. Each is checked (:func:`check_rle`) before pycocotools decodes them.
 
-    Raises :class:`RLEError` with the position(s) of the invalid RLE.
+    Raises :class:`RLEError` with the position of the invalid RLE.
     """
-    out = np.zeros((len(segmentations), height, width), dtype=bool)
-    long_rles = []
+    if not segmentations:
+        return np.zeros((0, height, width), bool)
+    compressed = []
     for i, seg in enumerate(segmentations):
-        if list(seg["size"]) != [height, width]:
-            raise RLEError([i], f"size {list(seg['size'])} != {[height, width]}", wrong_size=True)
-        counts = seg["counts"]
-        if isinstance(counts, str):
-            counts = counts.encode("utf-8")
-        if _rle is not None and isinstance(counts, bytes):
-            try:
-                _rle.paint(counts, out[i], height, width)
-            except ValueError as e:
-                raise RLEError([i], f"invalid RLE ({e})") from None
-            continue
-        if not isinstance(counts, list) and len(counts) > FAST_RLE_MAX_CHARS:
-            long_rles.append((i, counts))
-            continue
+        size = seg.get("size")
+        if not isinstance(size, (list, tuple)) or [*size] != [height, width]:
+            raise RLEError([i], f"size {size!r} != {[height, width]}", wrong_size=True)
+        counts = seg.get("counts")
         try:
-            fill_rle(rle_counts(counts) if isinstance(counts, bytes) else counts, out[i])
-        except (ValueError, IndexError, OverflowError) as e:  # OverflowError: a run beyond 64 bits
+            h, w = check_size(size)
+            check_rle(counts, h, w)
+        except ValueError as e:
             raise RLEError([i], f"invalid RLE ({e})") from None
-    if long_rles:
-        try:
-            decoded = mask_utils.decode([{"size": [height, width], "counts": c} for _, c in long_rles])
-        except Exception as e:  # pycocotools raises bare Exceptions
-            raise RLEError([i for i, _ in long_rles], f"invalid RLE ({e})") from None
-        out[[i for i, _ in long_rles]] = decoded.transpose(2, 0, 1).view(bool)  # column-major (H,W,k) bytes
-    return out
+        if isinstance(counts, list):
+            compressed.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
+        else:
+            compressed.append({"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    decoded = mask_utils.decode(compressed)  # (H, W, k) uint8, column-major
+    return np.ascontiguousarray(decoded.transpose(2, 0, 1)).view(bool)
 
 
 def encode_rle(mask: np.ndarray) -> dict:
-    """bool (H, W) -> compressed COCO RLE ``{"size": [h, w], "counts": str}``."""
+    """bool (H, W) -> compressed COCO RLE ``{"size": [h, w], "counts": str}``, checked like any RLE read."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    out = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    check_rle(out["counts"], *out["size"])
+    return out

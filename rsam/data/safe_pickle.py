@@ -3,23 +3,35 @@
 Some releases ship their annotations as a Python pickle (RRSIS-D's ``refs(unc).p``). Unpickling runs whatever
 callables the file names, so an untrusted pickle can execute arbitrary code. :func:`load_plain_pickle` allows
 only what plain data needs -- builtin containers, str, bytes, int, float, bool and None -- and refuses every
-other global with an error naming the file and the global, before anything is called. What was read is cached
-as JSON (:func:`cached_json`, keyed by path, size and modification time), so later starts skip the pickle.
+other global with an error naming the file and the global, before anything is called. A few bytes of pickle can
+also describe a huge value (a list that holds the previous list eight times, level after level, through the
+memo): :func:`check_plain` measures what the value expands to, without expanding it, and refuses it over the
+limits of rsam/data/limits.py (elements, nesting depth, integer size). Before any of that, the opcodes are
+walked once to refuse a memo index that would make the unpickler allocate a huge table. What was read is cached
+as JSON (:func:`cached_json`, keyed by path, size and modification time), so later starts skip the pickle; the
+cache writer checks every value it stores the same way.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import pickle
-import tempfile
-from typing import Any, Callable, Optional
+import pickletools
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from iopath.common.file_io import PathManager, g_pathmgr
 
-__all__ = ["PickleRefused", "load_plain_pickle", "load_plain_pickle_cached", "cached_json", "default_cache_dir"]
+from rsam.atomic_files import write_text_atomically
+from rsam.data.limits import (MAX_PICKLE_DEPTH, MAX_PICKLE_ELEMENTS, MAX_PICKLE_ELEMENTS_PER_BYTE,
+                              MAX_PICKLE_INT_BITS, PICKLE_ELEMENTS_FLOOR)
+from rsam.errors import UserError
+
+__all__ = ["PickleRefused", "PickleTooLarge", "check_plain", "load_plain_pickle", "load_plain_pickle_cached",
+           "cached_json", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +54,7 @@ def _empty_bytes(*args):
     return b""
 
 
-class PickleRefused(ValueError):
+class PickleRefused(UserError):
     """A pickle asked for a global that plain data does not need."""
 
     def __init__(self, path: str, global_name: str):
@@ -52,6 +64,18 @@ class PickleRefused(ValueError):
 
     def __reduce__(self):  # picklable across processes despite the 2-argument constructor
         return (PickleRefused, (self.path, self.global_name))
+
+
+class PickleTooLarge(PickleRefused):
+    """A pickle that describes too large a value: over a limit of rsam/data/limits.py, or built to make the
+    unpickler allocate a huge table (``limit`` says what)."""
+
+    def __init__(self, path: str, limit: str):
+        UserError.__init__(self, f"{path}: refused to unpickle: {limit}")
+        self.path, self.limit, self.global_name = path, limit, None
+
+    def __reduce__(self):
+        return (PickleTooLarge, (self.path, self.limit))
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -72,6 +96,75 @@ class _PlainUnpickler(pickle.Unpickler):
         raise PickleRefused(self._path, f"persistent id {pid!r}")
 
 
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+_SCALARS = (type(None), bool, float, str, bytes, bytearray)
+_INT_BOUND = 1 << (MAX_PICKLE_INT_BITS - 1)
+_END = object()
+
+
+def _children(container) -> Iterator:
+    return itertools.chain.from_iterable(container.items()) if isinstance(container, dict) else iter(container)
+
+
+def _is_scalar(value: Any, path: str) -> bool:
+    """True for a plain scalar (an integer within the size limit), False for a container; refuses the rest."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not -_INT_BOUND <= value < _INT_BOUND:
+            raise PickleTooLarge(path, f"an integer of {value.bit_length()} bits is over the limit of "
+                                       f"{MAX_PICKLE_INT_BITS}-bit signed integers (rsam/data/limits.py)")
+        return True
+    if isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, _CONTAINERS):
+        return False
+    raise PickleRefused(path, type(value).__qualname__)
+
+
+_ELEMENTS_LIMIT = " (rsam/data/limits.py)"
+
+
+def check_plain(value: Any, path: str, max_elements: int = MAX_PICKLE_ELEMENTS, budget: str = _ELEMENTS_LIMIT) -> int:
+    """Refuse ``value`` unless it is plain data within the limits of rsam/data/limits.py -> its element count.
+
+    Elements are containers and scalars as the value expands (a container referenced eight times counts eight
+    times), measured without expanding anything: each container is measured once and its count reused. A
+    container inside itself, nesting deeper than ``MAX_PICKLE_DEPTH``, more than ``max_elements`` elements
+    (``budget`` says where that number comes from) or an integer over ``MAX_PICKLE_INT_BITS`` bits is refused with
+    :class:`PickleTooLarge`; a type plain data does not have with :class:`PickleRefused`.
+    """
+    if _is_scalar(value, path):
+        return 1
+    measured: Dict[int, int] = {}  # id -> elements of a container measured before (``value`` keeps them alive)
+    inside: Set[int] = set()  # the containers on the path from the root to the current one
+    frames: List[list] = [[value, _children(value), 0]]  # [container, its children, total when it was entered]
+    inside.add(id(value))
+    total = 1
+    while frames:
+        frame = frames[-1]
+        child = next(frame[1], _END)
+        if child is _END:
+            frames.pop()
+            inside.discard(id(frame[0]))
+            measured[id(frame[0])] = total - frame[2]
+            continue
+        if _is_scalar(child, path):
+            total += 1
+        elif id(child) in measured:
+            total += measured[id(child)]
+        elif id(child) in inside:
+            raise PickleTooLarge(path, "a container holds itself (its expansion has no end)")
+        elif len(frames) >= MAX_PICKLE_DEPTH:
+            raise PickleTooLarge(path, f"containers are nested deeper than {MAX_PICKLE_DEPTH} levels "
+                                       "(rsam/data/limits.py)")
+        else:
+            frames.append([child, _children(child), total])
+            inside.add(id(child))
+            total += 1
+        if total > max_elements:
+            raise PickleTooLarge(path, f"it expands to more than {max_elements} elements{budget}")
+    return total
+
+
 def _text(b: bytes) -> str:
     try:
         return b.decode("utf-8")
@@ -80,7 +173,7 @@ def _text(b: bytes) -> str:
 
 
 def _plain(value: Any, path: str) -> Any:
-    """Containers -> dict / list, bytes -> str; anything else than plain data is refused."""
+    """Containers -> dict / list, bytes -> str (``value`` passed :func:`check_plain`, so this ends)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (bytes, bytearray)):
@@ -90,29 +183,68 @@ def _plain(value: Any, path: str) -> Any:
         for k, v in value.items():
             k = _text(k) if isinstance(k, bytes) else k
             if not (k is None or isinstance(k, (bool, int, float, str))):
-                raise ValueError(f"{path}: a dict key of type {type(k).__name__} is not plain data")
+                raise UserError(f"{path}: a dict key of type {type(k).__name__} is not plain data")
             out[k] = _plain(v, path)
         return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v, path) for v in value]
-    raise PickleRefused(path, type(value).__qualname__)
+    return [_plain(v, path) for v in value]
+
+
+_MEMO_WRITES = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(raw: bytes, path: str) -> None:
+    """Walk the opcodes (``pickletools``, which reads nothing past the file's end) before the unpickler runs.
+
+    The C unpickler sizes its memo table by the largest index a PUT names and clears it: five bytes could make it
+    allocate and write 64 GB. Picklers number their memo entries 0, 1, 2, ..., so an index may not run ahead of
+    the entries written before it.
+    """
+    written = 0
+    try:
+        for op, arg, pos in pickletools.genops(raw):
+            if op.name in _MEMO_WRITES:
+                if arg > written:
+                    raise PickleTooLarge(path, f"memo index {arg} at byte {pos} runs ahead of the {written} "
+                                               "entries written before it")
+                written += 1
+            elif op.name == "MEMOIZE":
+                written += 1
+    except PickleTooLarge:
+        raise
+    except Exception as e:  # truncated, unknown opcode, bad argument: pickletools raises ValueError and others
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def _element_budget(size: int) -> Tuple[int, str]:
+    """The element limit of a ``size``-byte pickle, and where it comes from (for the message)."""
+    by_size = max(PICKLE_ELEMENTS_FLOOR, MAX_PICKLE_ELEMENTS_PER_BYTE * size)
+    if by_size < MAX_PICKLE_ELEMENTS:
+        return by_size, (f" (the limit of a {size}-byte file: {MAX_PICKLE_ELEMENTS_PER_BYTE} per byte, at least "
+                         f"{PICKLE_ELEMENTS_FLOOR}; rsam/data/limits.py)")
+    return MAX_PICKLE_ELEMENTS, _ELEMENTS_LIMIT
 
 
 def load_plain_pickle(path: "str | os.PathLike", path_manager: Optional[PathManager] = None) -> Any:
-    """Unpickle ``path`` if it holds plain data only (see the module docstring); JSON-friendly result."""
+    """Unpickle ``path`` if it holds plain data only, within the limits of rsam/data/limits.py (see the module
+    docstring); JSON-friendly result. Raises :class:`PickleRefused` / :class:`PickleTooLarge`, or
+    :class:`rsam.errors.UserError` for a file that is not a pickle; each names the file."""
     path, pm = os.fspath(path), path_manager or g_pathmgr
     with pm.open(path, "rb") as f:
         raw = f.read()
+    _check_opcodes(raw, path)
+    max_elements, budget = _element_budget(len(raw))
     for encoding in ("utf-8", "latin1"):  # latin1: Python 2 byte strings that are not UTF-8
         try:
-            return _plain(_PlainUnpickler(io.BytesIO(raw), path, encoding).load(), path)
+            value = _PlainUnpickler(io.BytesIO(raw), path, encoding).load()
         except PickleRefused:
             raise
         except UnicodeDecodeError:
             continue
         except Exception as e:  # truncated, not a pickle, ...: pickle raises many types
-            raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
-    raise ValueError(f"{path}: not a readable pickle (undecodable strings)")
+            raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+        check_plain(value, path, max_elements, budget)
+        return _plain(value, path)
+    raise UserError(f"{path}: not a readable pickle (undecodable strings)")
 
 
 def default_cache_dir() -> str:
@@ -150,7 +282,9 @@ def cached_json(source_path: "str | os.PathLike", build: Callable[[], Any], tag:
     as stored (tuples and sets -> lists; int/float/bool/None dict keys kept), so first call and cache hits agree."""
     source_path = os.fspath(source_path)
     if "://" in source_path:
-        return _from_json(json.loads(json.dumps(_to_json(build()))))
+        value = build()
+        check_plain(value, source_path)
+        return _from_json(json.loads(json.dumps(_to_json(value))))
     stat = os.stat(source_path)
     key = f"v2\0{tag}\0{os.path.abspath(source_path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
     folder = os.path.join(os.fspath(cache_dir) if cache_dir else default_cache_dir(), "json")
@@ -158,20 +292,15 @@ def cached_json(source_path: "str | os.PathLike", build: Callable[[], Any], tag:
     try:
         with open(file, "r", encoding="utf-8") as f:
             return _from_json(json.load(f))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         pass  # absent or corrupt (bad JSON, not UTF-8, malformed entries): rebuild
-    text = json.dumps(_to_json(build()))
-    tmp = None
+    value = build()
+    check_plain(value, source_path)  # the writer stores only plain data within the limits, whoever built it
+    text = json.dumps(_to_json(value))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, file)
-    except OSError as e:
+        write_text_atomically(file, text)
+    except (OSError, UserError) as e:  # UserError: a full disk; the cache is optional
         log.warning("cannot write the cache %s (%s); %s is read again next time", file, e, source_path)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return _from_json(json.loads(text))
 
 

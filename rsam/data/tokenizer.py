@@ -21,6 +21,7 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from iopath.common.file_io import g_pathmgr
 
+from rsam.errors import UserError
 from rsam.json_files import read_json_object
 
 MODES = ("official", "standard")
@@ -98,9 +99,9 @@ class RSAMTokenizer:
 
     def __init__(self, vocab: str, mode: str = "official", max_tokens: int = 47):
         if mode not in MODES:
-            raise ValueError(f"tokenizer mode must be one of {MODES}, got {mode!r}")
+            raise UserError(f"tokenizer mode must be one of {MODES}, got {mode!r}")
         if mode == "standard" and max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2 in standard mode (room for [CLS] and [SEP]), got {max_tokens}")
+            raise UserError(f"max_tokens must be >= 2 in standard mode (room for [CLS] and [SEP]), got {max_tokens}")
         self.vocab_path = vocab
         self.mode = mode
         self.max_tokens = max_tokens
@@ -112,7 +113,7 @@ class RSAMTokenizer:
     def _special_id(self, token: str) -> int:
         idx = self.hf_tokenizer.convert_tokens_to_ids(token)
         if idx is None or (idx == self.hf_tokenizer.unk_token_id and token != "[UNK]"):
-            raise ValueError(f"{self.vocab_path}: vocabulary has no {token} token")
+            raise UserError(f"{self.vocab_path}: vocabulary has no {token} token")
         return int(idx)
 
     @property
@@ -175,7 +176,7 @@ def tokenizer_from_config(cfg: Mapping, vocab: Optional[str] = None,
     node = dict(cfg.get("tokenizer") or {})
     node.pop("_target_", None)
     if vocab is None and not node.get("vocab"):
-        raise ValueError("the config has no tokenizer.vocab; pass vocab=<path to the BERT vocab.txt>")
+        raise UserError("the config has no tokenizer.vocab; pass vocab=<path to the BERT vocab.txt>")
     if not node:
         log.warning("the config has no `tokenizer:` node: using the official tokenizer convention with %s", vocab)
         node = {"mode": "official"}
@@ -184,4 +185,4 @@ def tokenizer_from_config(cfg: Mapping, vocab: Optional[str] = None,
     try:
         return RSAMTokenizer(**node)
     except TypeError as exc:
-        raise ValueError(f"config tokenizer node {node}: {exc}") from None
+        raise UserError(f"config tokenizer node {node}: {exc}") from None

@@ -3,6 +3,7 @@ what its loader carries (:mod:`.inputs`), callbacks that write results (:mod:`.w
 predictions (:mod:`.rescore`)."""
 from rsam.evaluation.engine import RESOLUTIONS, EvalResult, Evaluator, ScoredExpression, eval_step, evaluate
 from rsam.evaluation.metrics import (
+    DEFAULT_CONVENTION,
     OFFICIAL,
     STANDARD,
     MetricAccumulator,
@@ -15,6 +16,7 @@ from rsam.evaluation.metrics import (
 )
 
 __all__ = [
+    "DEFAULT_CONVENTION",
     "OFFICIAL",
     "RESOLUTIONS",
     "STANDARD",

@@ -15,8 +15,13 @@ Two scoring resolutions:
   (H, W) and scored against the ground-truth masks decoded at that size (in the loader workers).
 
 Exact under distribution: the loader shards images without padding (:class:`rsam.data.samplers.ShardedEvalSampler`)
-and :class:`rsam.evaluation.metrics.MetricAccumulator` gathers per-expression statistics, de-duplicates them by
-sample id and sorts them, so 1 and k processes give bit-identical numbers when each image is computed the same way.
+and :class:`rsam.evaluation.per_expression.ExpressionCollector` gathers per-expression statistics, de-duplicates
+them by sample id and sorts them, so 1 and k processes give bit-identical numbers when each image is computed the
+same way. The gathered statistics come back with the metrics (:attr:`EvalResult.expressions`), for
+``per_expression.jsonl``.
+
+Each expression's statistics are computed once per batch, on the device, and shared by the metrics and the
+callbacks.
 
 Callbacks see every scored expression as a :class:`ScoredExpression` (:mod:`rsam.evaluation.writers` has the
 ones that write masks, pictures and TensorBoard overlays). A callback with a true ``done`` attribute is skipped;
@@ -38,7 +43,8 @@ from rsam import distributed
 from rsam.data.batch import Batch
 from rsam.data.loaders import build_eval_loader
 from rsam.evaluation.inputs import EvalCollator, EvalDataset, EvalExtras
-from rsam.evaluation.metrics import MetricAccumulator, MetricConvention, expression_stats
+from rsam.evaluation.metrics import DEFAULT_CONVENTION, MetricConvention, expression_stats
+from rsam.evaluation.per_expression import ExpressionCollector, ExpressionTable
 
 __all__ = ["RESOLUTIONS", "Evaluator", "EvalResult", "ScoredExpression", "evaluate", "eval_step"]
 
@@ -73,13 +79,15 @@ class ScoredExpression:
 
 @dataclass
 class EvalResult:
-    """metrics: identical on every rank. local_expressions: scored by this rank (before de-duplication)."""
+    """metrics: identical on every rank. local_expressions: scored by this rank (before de-duplication).
+    expressions: every expression's statistics, gathered from all ranks (what ``metrics`` is computed from)."""
 
     metrics: Dict[str, float]
     convention: MetricConvention
     resolution: str
     seconds: float
     local_expressions: int
+    expressions: ExpressionTable
 
     @property
     def expressions_per_s(self) -> float:
@@ -101,7 +109,7 @@ def eval_step(model: torch.nn.Module, batch: Batch, amp_dtype: Optional[torch.dt
 def evaluate(
     model: torch.nn.Module,
     loader,
-    convention: Union[str, MetricConvention] = "official",
+    convention: Union[str, MetricConvention] = DEFAULT_CONVENTION,
     resolution: str = "network",
     device: Union[None, str, torch.device] = None,
     amp_dtype: Optional[torch.dtype] = None,
@@ -128,7 +136,7 @@ def evaluate(
     convention = MetricConvention.get(convention)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    acc = MetricAccumulator(convention, group=group)
+    collector = ExpressionCollector()
     world = distributed.world_size(group)
     total = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(total=total, desc=desc, disable=not progress or distributed.rank(group) != 0, dynamic_ncols=True,
@@ -153,10 +161,11 @@ def evaluate(
         active = [cb for cb in callbacks if not getattr(cb, "done", False)]
         for rows, logits, gt in scored:
             idx = torch.tensor(rows, device=device)
-            acc.update(logits, gt, [batch.sample_ids[i] for i in rows], [batch.categories[i] for i in rows],
-                       batch.is_negative.index_select(0, idx))
+            stats = expression_stats(logits, gt, convention)
+            collector.add(stats, [batch.sample_ids[i] for i in rows], [batch.categories[i] for i in rows],
+                          batch.is_negative.index_select(0, idx))
             if active:
-                _run_callbacks(active, rows, logits, gt, batch, out, extras, convention)
+                _run_callbacks(active, rows, logits, gt, stats, batch, out, extras, convention)
         local += batch.num_expressions
         bar.update(1)
         bar.set_postfix_str(f"{local * world / max(time.perf_counter() - start, 1e-9):.1f} expr/s")
@@ -166,8 +175,9 @@ def evaluate(
     if not distributed.any_rank(local > 0, group, device if device.type == "cuda" else None):
         raise ValueError(f"{desc}: no expression was evaluated (the split has no usable image, or every image "
                          "was skipped as bad input)")
-    metrics = acc.compute()
-    return EvalResult(metrics, convention, resolution, time.perf_counter() - start, local)
+    expressions = collector.gather(group)
+    metrics = expressions.metrics(convention)
+    return EvalResult(metrics, convention, resolution, time.perf_counter() - start, local, expressions)
 
 
 def _original_resolution(batch: Batch, low_res: torch.Tensor, masks: List[torch.Tensor], device: torch.device):
@@ -190,9 +200,10 @@ def _original_resolution(batch: Batch, low_res: torch.Tensor, masks: List[torch.
     return groups
 
 
-def _run_callbacks(callbacks: Sequence[Callback], rows, logits, gt, batch: Batch, out, extras: Optional[EvalExtras],
-                   convention: MetricConvention) -> None:
-    stats = {k: v.tolist() for k, v in expression_stats(logits, gt, convention).items()}
+def _run_callbacks(callbacks: Sequence[Callback], rows, logits, gt, stats: Dict[str, torch.Tensor], batch: Batch,
+                   out, extras: Optional[EvalExtras], convention: MetricConvention) -> None:
+    """``stats``: the rows' :func:`expression_stats`, as the metrics counted them."""
+    stats = {k: v.tolist() for k, v in stats.items()}
     pred = convention.foreground(logits[:, 0] if logits.dim() == 4 else logits).cpu()
     gt = gt.cpu()
     images = batch.images.cpu()
@@ -224,7 +235,7 @@ class Evaluator:
     """
 
     def __init__(self, dataset, collate, batch_size: int = 1, num_workers: int = 0,
-                 convention: Union[str, MetricConvention] = "official", resolution: str = "network",
+                 convention: Union[str, MetricConvention] = DEFAULT_CONVENTION, resolution: str = "network",
                  amp_dtype: Optional[torch.dtype] = None, progress: bool = True, name: str = "eval",
                  rank: Optional[int] = None, world_size: Optional[int] = None, persistent_workers: bool = True):
         if resolution not in RESOLUTIONS:

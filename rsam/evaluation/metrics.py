@@ -6,7 +6,9 @@ mIoU, oIoU, Pr@X, mDice, per-category and no-target metrics — is computed from
 distributed evaluation only gathers O(N) numbers and de-duplicates them by sample id (DistributedSampler pads
 the last shard with repeated samples).
 
-Two conventions are provided, because published numbers use both (docs/metrics.md compares the codebases):
+Two conventions are provided, because published numbers use both (docs/metrics.md compares the codebases).
+``standard`` is the default everywhere (:data:`DEFAULT_CONVENTION`: trainer, ``training/eval.py``, configs):
+the published RRSIS-D / RefSegRS / RISBench tables use it.
 
 * ``official``: what the official RSAM meters compute (torchmetrics' legacy ``Dice`` stat scores): a pixel is
   foreground iff its *logit* >= 0.5 (no sigmoid), Pr@X counts IoU > X (strict), and an expression whose target
@@ -36,12 +38,15 @@ __all__ = [
     "MetricConvention",
     "OFFICIAL",
     "STANDARD",
+    "DEFAULT_CONVENTION",
     "expression_stats",
     "per_expression_iou",
     "compute_metrics",
     "gather_stats",
     "combine_metrics",
     "format_metrics",
+    "format_metric_line",
+    "format_metric_value",
     "MetricAccumulator",
 ]
 
@@ -95,6 +100,9 @@ class MetricConvention:
 OFFICIAL = MetricConvention("official", threshold=0.5, inclusive=True, precision_strict=True)
 STANDARD = MetricConvention("standard", threshold=0.0, inclusive=False, precision_strict=False)
 _CONVENTIONS = {c.name: c for c in (OFFICIAL, STANDARD)}
+# The one default: the convention of the published tables. The trainer, training/eval.py and every argument
+# default below use it; ``official`` is chosen explicitly (configs/rsam_b+_b_official.yaml, --convention).
+DEFAULT_CONVENTION = STANDARD.name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ _CONVENTIONS = {c.name: c for c in (OFFICIAL, STANDARD)}
 def expression_stats(
     logits: torch.Tensor,
     gt: torch.Tensor,
-    convention: Union[str, MetricConvention] = "official",
+    convention: Union[str, MetricConvention] = DEFAULT_CONVENTION,
     chunk_pixels: int = 1 << 26,
 ) -> Stats:
     """Pixel statistics of every expression.
@@ -203,7 +211,7 @@ def _core_metrics(tp: List[int], fp: List[int], fn: List[int], convention: Metri
 
 def compute_metrics(
     stats: Stats,
-    convention: Union[str, MetricConvention] = "official",
+    convention: Union[str, MetricConvention] = DEFAULT_CONVENTION,
     categories: Optional[Sequence[str]] = None,
 ) -> Dict[str, float]:
     """All metrics of a set of expressions, computed once on the host.
@@ -259,15 +267,28 @@ def compute_metrics(
     return out
 
 
-def format_metrics(metrics: Dict[str, float], convention: Union[str, MetricConvention] = "official") -> str:
-    """Human-readable table; the first line states the convention the numbers follow."""
+PERCENT_NOTE = "rates in % (metrics.json keeps fractions), counts as integers"
+
+
+def format_metric_value(value: Union[int, float]) -> str:
+    """One metric as people read it (as RRSIS papers print them): a rate as a percentage with 2 decimals
+    ("67.12 %"), a count as an integer. Every printed or logged table uses this; JSON keeps fractions."""
+    return f"{100 * value:.2f} %" if isinstance(value, float) else f"{value:d}"
+
+
+def format_metrics(metrics: Dict[str, float], convention: Union[str, MetricConvention] = DEFAULT_CONVENTION) -> str:
+    """Human-readable table; the first line states the convention the numbers follow, the second the unit."""
     convention = MetricConvention.get(convention)
-    lines = [convention.describe()]
+    lines = [convention.describe(), PERCENT_NOTE]
     width = max((len(k) for k in metrics), default=0)
     for k, v in metrics.items():
-        # Rates print as percentages (as in the papers), counts as integers.
-        lines.append(f"  {k:<{width}}  {100 * v:8.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v:8d}")
+        lines.append(f"  {k:<{width}}  {format_metric_value(v):>10}")
     return "\n".join(lines)
+
+
+def format_metric_line(metrics: Dict[str, float], keys: Sequence[str]) -> str:
+    """One log line of ``keys`` (those present), e.g. ``"mIoU 67.12 %  oIoU 70.03 %"``, as :func:`format_metrics`."""
+    return "  ".join(f"{k} {format_metric_value(metrics[k])}" for k in keys if k in metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +371,7 @@ class MetricAccumulator:
 
     Example::
 
-        acc = MetricAccumulator("official")
+        acc = MetricAccumulator("standard")
         for batch in loader:
             out = model(batch.images, batch.expr_to_image, batch.input_ids, batch.attention_mask)
             acc.update(out.logits, batch.masks, batch.sample_ids, batch.categories, batch.is_negative)
@@ -358,7 +379,7 @@ class MetricAccumulator:
         print(format_metrics(metrics, acc.convention))
     """
 
-    def __init__(self, convention: Union[str, MetricConvention] = "official", group=None):
+    def __init__(self, convention: Union[str, MetricConvention] = DEFAULT_CONVENTION, group=None):
         self.convention = MetricConvention.get(convention)
         self.group = group
         self.reset()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from rsam.evaluation.inputs import original_gt_masks
-from rsam.evaluation.metrics import MetricAccumulator, MetricConvention
+from rsam.evaluation.metrics import DEFAULT_CONVENTION, MetricAccumulator, MetricConvention
 from rsam.evaluation.writers import PREDICTIONS_JSON
 
 __all__ = ["rescore"]
@@ -35,7 +35,7 @@ def rescore(pred_dir: str, dataset, convention: Union[None, str, MetricConventio
         raise FileNotFoundError(f"{path} not found (write it with --save-predictions)")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    recorded = data.get("convention", "official")
+    recorded = data.get("convention", DEFAULT_CONVENTION)
     convention = MetricConvention.get(convention or recorded)
     if convention.name != recorded:
         log.warning("rescoring masks binarised with the %r foreground rule under %r: only the Pr@X rule changes",

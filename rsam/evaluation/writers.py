@@ -103,20 +103,32 @@ class VisualWriter:
 
 
 class PanelCollector:
-    """Keeps the first ``k`` expressions as (image | ground truth | prediction) panels for TensorBoard.
+    """Keeps the first ``k`` expressions as captioned (image | ground truth | prediction) panels for TensorBoard.
 
-    ``panels``: list of ``(sample_id, (3, h, 3w) float tensor in [0, 1])``.
+    ``panels``: list of ``(caption, (3, H, W) float tensor in [0, 1])``. The picture carries its own caption
+    underneath (file name, expression, IoU, which panel is which), so it reads without the text tab; ``caption``
+    is the same as one line of Markdown for the text tab.
     """
 
     def __init__(self, k: int):
         self.k = int(k)
-        self.panels: List[Tuple[Tuple[str, int], torch.Tensor]] = []
+        self.panels: List[Tuple[str, torch.Tensor]] = []
 
     @property
     def done(self) -> bool:
         return len(self.panels) >= self.k
 
     def __call__(self, e: ScoredExpression) -> None:
-        from rsam.visualization import comparison_panel
+        from rsam.visualization import Caption, _with_captions, comparison_panel
 
-        self.panels.append((e.sample_id, comparison_panel(e.image, e.gt, e.pred)))
+        name, aid = e.sample_id
+        text = f'"{e.text}"' if e.text is not None else "(no expression text)"
+        title = f"{name} ({'no-target expression' if e.is_negative else f'annotation {aid}'}, {e.category})"
+        scores = f"IoU {e.iou:.3f} | predicted IoU {e.iou_pred:.3f} | object score {e.object_score:+.2f}"
+        panel = comparison_panel(e.image, e.gt, e.pred)
+        picture = (panel.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        captioned = _with_captions(picture, [Caption(text, None, scores),
+                                             Caption("middle: ground truth", (0, 255, 0)),
+                                             Caption("right: prediction", (255, 0, 0))], title=title)
+        image = torch.from_numpy(np.asarray(captioned).copy()).permute(2, 0, 1).float() / 255.0
+        self.panels.append((f"**{title}**: {text} | {scores}", image))

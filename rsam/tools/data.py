@@ -8,7 +8,8 @@ images, expressions and no-target expressions, and every problem. Errors are wha
 (missing or unreadable files, malformed records, masks of another size than their image); warnings are what it
 handles or what deserves a look (masks resized to their image, empty masks, duplicate expressions, texts
 longer than the tokenizer keeps, one image in two splits). With ``--json`` stdout is exactly one JSON object.
-Exit status: 0 trainable (warnings allowed), 1 errors, 2 unreadable (wrong layout, refused pickle).
+Exit status: 0 trainable (warnings allowed), 1 errors, 2 unreadable (wrong layout, refused pickle: one line
+``rsam-data: error: <file>: <why>`` on stderr, or the JSON object with ``--json``) and usage errors.
 
 ``convert`` writes ``OUT/manifest.jsonl`` (masks at each image's own size after the fixes above, image paths
 pointing at the original files); expressions with errors are left out and reported (exit 1).
@@ -20,13 +21,15 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-
+from rsam.atomic_files import atomic_path
+from rsam.cli import run_command, user_error_line
 from rsam.data.errors import DataError
 from rsam.data.readers import FORMATS, reader_class
 from rsam.data.rle import encode_rle
 from rsam.data.safe_pickle import PickleRefused
+from rsam.errors import UserError
 
 __all__ = ["main", "scan", "ScanReport"]
 
@@ -41,6 +44,7 @@ class ScanReport:
     splits: Dict[str, Dict[str, int]] = field(default_factory=dict)
     problems: List[Dict[str, str]] = field(default_factory=list)
     unreadable: bool = False
+    unreadable_reason: str = ""  # the one-line error that made the dataset unreadable
     _reported: set = field(default_factory=set, repr=False)
 
     def add(self, kind: str, path: str, detail: str) -> None:
@@ -81,17 +85,13 @@ def scan(format: str, root: str, options: Optional[dict] = None, token_counter: 
     try:
         splits = cls.available_splits(root, **options)
     except (DataError, PickleRefused, FileNotFoundError, ValueError) as e:
-        report.unreadable = True
-        report.add("unreadable_dataset", getattr(e, "path", root), str(e))
-        return report
+        return _unreadable(report, e, root)
     image_splits: Dict[str, set] = {}
     for split in splits:
         try:
             reader = cls(root, split, **options)
         except (DataError, PickleRefused, FileNotFoundError, ValueError) as e:
-            report.unreadable = True
-            report.add("unreadable_dataset", getattr(e, "path", root), str(e))
-            return report
+            return _unreadable(report, e, root)
         for err in reader.problems:
             report.add(_error_kind(err), err.path, err.problem)
         counts = {"images": 0, "expressions": 0, "no_target": 0}
@@ -107,6 +107,12 @@ def scan(format: str, root: str, options: Optional[dict] = None, token_counter: 
     for path, found in sorted(image_splits.items()):
         if len(found) > 1:
             report.add("image_in_two_splits", path, f"listed in the splits {sorted(found)}")
+    return report
+
+
+def _unreadable(report: ScanReport, err: Exception, root: str) -> ScanReport:
+    report.unreadable, report.unreadable_reason = True, user_error_line(err)
+    report.add("unreadable_dataset", getattr(err, "path", root), report.unreadable_reason)
     return report
 
 
@@ -170,16 +176,18 @@ def _scan_image(reader, split, name, report, counts, token_counter, max_tokens, 
             on_expression(split, reader, name, ann, mask, size)
 
 
-def _token_counter(vocab: Optional[str]):
-    path = vocab or (DEFAULT_VOCAB if os.path.exists(DEFAULT_VOCAB) else None)
+def _token_counter(vocab: Optional[str], root: str = "") -> Tuple[Optional[Callable], str]:
+    """(texts -> token counts, or None; the note to print when the lengths cannot be checked). Without
+    ``--vocab``: the dataset's own ``vocab.txt`` (the synthetic datasets ship one), else DEFAULT_VOCAB."""
+    beside = os.path.join(root, "vocab.txt") if root else ""
+    path = vocab or next((p for p in (beside, DEFAULT_VOCAB) if p and os.path.isfile(p)), None)
     if path is None:
-        print(f"rsam-data: no vocabulary (--vocab, or {DEFAULT_VOCAB}): token lengths are not checked",
-              file=sys.stderr)
-        return None
+        return None, (f"rsam-data: no vocabulary (--vocab, {beside or '<root>/vocab.txt'} or {DEFAULT_VOCAB}): "
+                      "token lengths are not checked")
     from rsam.data.tokenizer import load_bert_tokenizer
 
     tokenizer = load_bert_tokenizer(path)
-    return lambda texts: [len(p) + 2 for p in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return lambda texts: [len(p) + 2 for p in tokenizer(list(texts), add_special_tokens=False)["input_ids"]], ""
 
 
 def _print_report(report: ScanReport, stream=sys.stdout, limit: int = 10) -> None:
@@ -201,10 +209,8 @@ def _print_report(report: ScanReport, stream=sys.stdout, limit: int = 10) -> Non
 
 
 def _convert(args, options) -> ScanReport:
-    os.makedirs(args.out, exist_ok=True)
     target = os.path.join(args.out, "manifest.jsonl")
-    tmp = target + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
         def write(split, reader, name, ann, mask, size):
             record = {"image": os.path.abspath(reader.image_path(name)) if "://" not in reader.root
                       else reader.image_path(name), "height": size[0], "width": size[1], "split": split,
@@ -214,7 +220,8 @@ def _convert(args, options) -> ScanReport:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
         report = scan(args.format, args.root, options, on_expression=write)
-    os.replace(tmp, target)
+        if report.unreadable:  # leaves no manifest behind
+            raise UserError(report.unreadable_reason)
     return report
 
 
@@ -239,25 +246,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args) -> int:
     options = {k: v for k, v in (("dataset_name", args.dataset_name), ("split_by", args.split_by),
                                  ("prefix", args.prefix), ("shared_text", args.shared_text)) if v is not None}
     if options and args.format != "rrsisd":
-        print(f"rsam-data: {sorted(options)} only apply to --format rrsisd", file=sys.stderr)
-        return 2
+        raise UserError(f"{sorted(options)} only apply to --format rrsisd")
     if args.command == "check":
-        report = scan(args.format, args.root, options, _token_counter(args.vocab), args.max_tokens)
+        counter, note = _token_counter(args.vocab, args.root)
+        report = scan(args.format, args.root, options, counter, args.max_tokens)
+        if note and not report.unreadable:  # an unreadable dataset is one line (below)
+            print(note, file=sys.stderr)
         if args.json:
             print(json.dumps(report.as_json()))
+        elif report.unreadable:  # one line on stderr, exit 2 (rsam/cli.py)
+            raise UserError(report.unreadable_reason)
         else:
             _print_report(report)
     else:
         report = _convert(args, options)
         _print_report(report, sys.stderr)
-        if not report.unreadable:
-            print(f"wrote {os.path.join(args.out, 'manifest.jsonl')}", file=sys.stderr)
+        print(f"wrote {os.path.join(args.out, 'manifest.jsonl')}", file=sys.stderr)
     return report.exit_status()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command("rsam-data", lambda: _run(_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

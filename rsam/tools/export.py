@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from rsam.cli import run_command
+from rsam.errors import UserError
 from rsam.json_files import read_json_object
 
 __all__ = ["main", "export"]
@@ -46,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """Bad input: printed as one line, exit status 2."""
 
 
@@ -69,8 +71,9 @@ def export(args: argparse.Namespace) -> str:
     import torch
 
     from rsam.build import build_from_checkpoint
+    from rsam.checkpoint import read_checkpoint
     from rsam.data.tokenizer import tokenizer_from_config
-    from rsam.pretrained import FILES, read_model_source, read_pretrained, save_pretrained
+    from rsam.pretrained import FILES, read_pretrained, save_pretrained
 
     if args.overrides and args.config is None:
         raise ExportError("overrides need --config")
@@ -81,7 +84,7 @@ def export(args: argparse.Namespace) -> str:
         raise ExportError(f"--out {out} exists and is not empty: pass --force to overwrite {', '.join(FILES)} in it")
     metrics = _read_metrics(args.metrics) if args.metrics else None
 
-    ckpt = read_model_source(args.checkpoint)  # a checkpoint file, or a pretrained directory to re-export
+    ckpt = read_checkpoint(args.checkpoint)  # a checkpoint file, or a pretrained directory / Hub id to re-export
     model, cfg = build_from_checkpoint(ckpt, args.config, device="cpu", overrides=args.overrides)
     tokenizer = tokenizer_from_config(cfg, args.vocab, args.checkpoint)
     best = {k: v for k, v in (ckpt.extra.get("best") or {}).items() if k not in ("epoch", "step", "iteration")}
@@ -118,24 +121,12 @@ def export(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``rsam-export``): 0 on success, 2 for bad input."""
-    from hydra.errors import HydraException
-
-    from rsam.checkpoint import CheckpointError
-
-    try:
+    def body() -> None:
         args = parse_args(argv)
-    except SystemExit as exc:  # argparse has printed its message
-        return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         export(args)
-    except (ExportError, ValueError, FileNotFoundError, KeyError, CheckpointError, OSError, HydraException) as exc:
-        if os.environ.get("RSAM_DEBUG"):
-            raise
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"rsam-export: error: {text}\n(set RSAM_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command("rsam-export", body)
 
 
 if __name__ == "__main__":

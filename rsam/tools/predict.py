@@ -10,7 +10,8 @@
 --image: files, folders (their images, sorted) and globs ("tiles/**/*.tif"). Expressions: --text (repeat it;
 the same set for every image) or --texts-file, JSON {image: [expressions]} or CSV with the columns
 image,expression; keys match an image by path (absolute, or relative to the texts file's folder or to the
-current directory), else by file name when only one key has it. Rasters deeper than 8 bits or with other than
+current directory), else by file name when only one key has it. Images of --image that the texts file does not
+name are skipped (one summary line); without --image the texts file's keys are the images. Rasters deeper than 8 bits or with other than
 3 bands: --bands and a per-band 2-98 % percentile stretch (--stretch), see rsam/tools/predict_inputs.py.
 --batch-size N runs the image encoder on N images at a time.
 
@@ -29,22 +30,18 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from rsam.atomic_files import atomic_path
+from rsam.cli import run_command
+from rsam.errors import UserError
+from rsam.tools.output_names import JSONL, PNG_LEVEL, slug
+
 __all__ = ["main", "predict_cli", "write_outputs", "PredictRun"]
 
 LOG = logging.getLogger("rsam.predict")
-JSONL = "predictions.jsonl"
-# zlib level of the written PNGs: 3 writes a 1030 x 614 overlay 3x faster than Pillow's default 6, ~7 % larger
-PNG_LEVEL = 3
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "expression"
 
 
 def write_outputs(predictor, predictions, image_path: str, out_dir: str, image=None, stem: Optional[str] = None,
@@ -66,7 +63,7 @@ def write_outputs(predictor, predictions, image_path: str, out_dir: str, image=N
     captions, masks, records = [], [], []
     for k, p in enumerate(predictions):
         mask = p.mask.numpy()
-        mask_file = f"{stem}_{k}_{_slug(p.text)}.png"
+        mask_file = f"{stem}_{k}_{slug(p.text)}.png"
         mask_to_png(mask).save(os.path.join(out_dir, mask_file), compress_level=PNG_LEVEL)
         area = int(mask.sum())
         if p.no_target:
@@ -102,7 +99,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="training checkpoint, official checkpoint (+ --config), pretrained directory or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
-    p.add_argument("--image", required=True, nargs="+", help="image files, folders and globs")
+    p.add_argument("--image", nargs="+", default=None,
+                   help="image files, folders and globs (default with --texts-file: the images it names)")
     p.add_argument("--text", action="append", default=None, help="referring expression (repeat for several)")
     p.add_argument("--texts-file", default=None, help="JSON {image: [expressions]} or CSV image,expression")
     p.add_argument("--out", required=True, help="output folder")
@@ -120,6 +118,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="masks as outlines (default: the object keeps its own colour) or tinted fills")
     p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,
                    help="the input image beside the overlay (default on)")
+    p.add_argument("--scene", action=argparse.BooleanOptionalAction, default=None,
+                   help="scene mode (rsam/scene/): tiles at native resolution, GeoTIFF + GeoJSON masks; default: "
+                        "on for images over 25 megapixels")
+    p.add_argument("--scene-mode", choices=("overview", "tiles"), default="overview",
+                   help="overview (default): a coarse pass on the whole scene picks the tiles to refine; tiles: "
+                        "every tile (category-like expressions: \"all storage tanks\")")
+    p.add_argument("--merge", choices=("max", "blend"), default="max",
+                   help="scene mode: overlapping tiles keep the largest logit (default) or a weighted mean")
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                   help="scene mode: overlap of neighbouring tiles (default: 1/8 of the network input)")
+    p.add_argument("--scene-margin", type=int, default=None, metavar="PX",
+                   help="overview mode: pixels refined around the coarse mask (default: the tile overlap)")
+    p.add_argument("--vector-crs", choices=("wgs84", "native"), default="wgs84",
+                   help="scene mode: GeoJSON in longitude/latitude (RFC 7946, default) or the scene's own CRS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off when stderr is no TTY)")
     p.add_argument("--quiet", action="store_true", help="no per-image lines on stdout")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of --config, e.g. model.image_size=512")
@@ -135,10 +147,6 @@ class PredictRun:
     failures: List[Tuple[str, str]] = field(default_factory=list)
 
 
-class _Usage(Exception):
-    """A usage error: message printed as one line, exit status 2."""
-
-
 def _unique_stems(paths: Sequence[str]) -> List[str]:
     """Output file prefixes: the file name without extension, ``-2``, ``-3`` ... where two images share it."""
     seen: Dict[str, int] = {}
@@ -152,37 +160,31 @@ def _unique_stems(paths: Sequence[str]) -> List[str]:
 
 
 def _load_predictor(args: argparse.Namespace):
-    from hydra.errors import HydraException
-
-    from rsam.checkpoint import CheckpointError
     from rsam.predictor import RSAMPredictor
     from rsam.tools.predict_inputs import parse_device
 
     device = None if args.device is None else parse_device(args.device)
-    try:
-        return RSAMPredictor.load(args.checkpoint, config=args.config, device=device, revision=args.revision,
-                                  vocab=args.vocab, overrides=args.overrides, mask_threshold=args.threshold)
-    except (ValueError, FileNotFoundError, KeyError, CheckpointError, OSError, HydraException) as exc:
-        # HydraException: a config node that does not instantiate (its message names the _target_)
-        if os.environ.get("RSAM_DEBUG"):
-            raise
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise _Usage(f"{text}\n(set RSAM_DEBUG=1 for the traceback)") from None
+    return RSAMPredictor.load(args.checkpoint, config=args.config, device=device, revision=args.revision,
+                              vocab=args.vocab, overrides=args.overrides, mask_threshold=args.threshold)
 
 
 def _check_args(args: argparse.Namespace):
     from rsam.tools.predict_inputs import TextTable, parse_bands, parse_stretch, read_texts_file
 
     if args.fill_holes < 0 or args.remove_islands < 0:
-        raise _Usage("--fill-holes and --remove-islands must be >= 0")
+        raise UserError("--fill-holes and --remove-islands must be >= 0")
     if args.batch_size < 1:
-        raise _Usage(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.overrides and args.config is None:
-        raise _Usage("overrides need --config")
+        raise UserError("overrides need --config")
     if (args.text is None) == (args.texts_file is None):
-        raise _Usage("give the expressions with --text (repeatable) or with --texts-file, not both or neither")
+        raise UserError("give the expressions with --text (repeatable) or with --texts-file, not both or neither")
     if args.text is not None and any(not t.strip() for t in args.text):
-        raise _Usage("--text: empty expression")
+        raise UserError("--text: empty expression")
+    if args.image is None and args.texts_file is None:
+        raise UserError("--image is required with --text (with --texts-file it defaults to the images it names)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder (it is created when missing)")
     table = None
     if args.texts_file is not None:
         table = TextTable(read_texts_file(args.texts_file), os.path.dirname(os.path.abspath(args.texts_file)))
@@ -190,30 +192,47 @@ def _check_args(args: argparse.Namespace):
 
 
 def predict_cli(argv: Optional[Sequence[str]] = None) -> PredictRun:
-    """Everything ``main`` does (argparse errors still raise ``SystemExit(2)``) -> :class:`PredictRun`."""
-    from rsam.tools.predict_inputs import UsageError, collect_inputs
+    """Everything ``main`` does -> :class:`PredictRun`. Usage errors raise (argparse: ``SystemExit(2)``; the rest:
+    :class:`rsam.errors.UserError`, which ``main`` prints as one line with exit status 2)."""
+    from rsam.scene.cli import predict_scenes, split_scene_inputs
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        bands, stretch, table = _check_args(args)
-        paths = collect_inputs(args.image)
-        predictor = _load_predictor(args)
-    except (_Usage, UsageError) as exc:
-        print(f"rsam-predict: error: {exc}", file=sys.stderr)
-        return PredictRun(status=2)
+    bands, stretch, table = _check_args(args)
+    paths = _images(args, table)
+    paths, scenes = split_scene_inputs(paths, args, bands, stretch, table)
+    predictor = _load_predictor(args)
     os.makedirs(args.out, exist_ok=True)
     run = PredictRun(status=0)
     _predict_all(predictor, args, paths, bands, stretch, table, run)
+    predict_scenes(predictor, args, scenes, bands, stretch, table, run)
     if table is not None and table.unused():
         unused = table.unused()
         print(f"rsam-predict: warning: {len(unused)} key(s) of {args.texts_file} matched no image: "
               + ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""), file=sys.stderr)
     if run.failures:
-        print(f"rsam-predict: {len(run.failures)} of {len(paths)} image(s) failed; the other {len(run.records)} "
+        print(f"rsam-predict: {len(run.failures)} of {len(paths) + len(scenes)} image(s) failed; the other {len(run.records)} "
               f"are in {args.out}", file=sys.stderr)
         run.status = 1
     return run
+
+
+def _images(args: argparse.Namespace, table) -> List[str]:
+    """The images to run: ``--image`` (with a texts file: those it names), else the texts file's own."""
+    from rsam.tools.predict_inputs import collect_inputs
+
+    if args.image is None:
+        return table.images()
+    paths = collect_inputs(args.image)
+    if table is None:
+        return paths
+    named = [p for p in paths if table.lookup(p) is not None]
+    if not named:
+        raise UserError(f"none of the {len(paths)} image(s) of --image is named in {args.texts_file}")
+    if len(named) < len(paths):
+        print(f"rsam-predict: {len(paths) - len(named)} of {len(paths)} image(s) are not named in "
+              f"{args.texts_file} and are skipped")
+    return named
 
 
 def _predict_all(predictor, args, paths, bands, stretch, table, run: PredictRun) -> None:
@@ -232,7 +251,8 @@ def _predict_all(predictor, args, paths, bands, stretch, table, run: PredictRun)
         bar.write(f"rsam-predict: {message}", file=sys.stderr)
         bar.update(1)
 
-    with open(os.path.join(args.out, JSONL), "w", encoding="utf-8") as jsonl:
+    # written beside, renamed over the previous run's file when complete: a failed run leaves that one intact
+    with atomic_path(os.path.join(args.out, JSONL)) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
         for start in range(0, len(paths), args.batch_size):
             ready = []  # (index, loaded image, expressions)
             for i in range(start, min(start + args.batch_size, len(paths))):
@@ -261,6 +281,8 @@ def _predict_all(predictor, args, paths, bands, stretch, table, run: PredictRun)
                     continue
                 _append_jsonl(jsonl, paths[i], record)
                 run.records.append(record)
+                if loaded.note and args.bands is None:  # a conversion the user did not choose: say it
+                    bar.write(f"{paths[i]}: {loaded.note}", file=sys.stdout)
                 if not args.quiet:
                     _print_record(bar, paths[i], record, args.out)
                 bar.update(1)
@@ -290,10 +312,7 @@ def _print_record(bar, path: str, record: dict, out: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``rsam-predict``): 0 success, 1 some image failed, 2 usage error."""
-    try:
-        return predict_cli(argv).status
-    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its message already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+    return run_command("rsam-predict", lambda: predict_cli(argv).status)
 
 
 if __name__ == "__main__":

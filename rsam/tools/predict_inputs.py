@@ -37,8 +37,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from rsam.data.images import ImageInputError, _pil_bit_depth, load_image
+from rsam.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "UsageError", "parse_device", "LoadedImage", "TextTable", "collect_inputs", "read_texts_file",
+__all__ = ["IMAGE_EXTENSIONS", "UsageError", "whole_image_pixel_limit", "check_whole_image_size", "parse_device", "LoadedImage", "TextTable", "collect_inputs", "read_texts_file",
            "parse_bands", "parse_stretch", "read_image", "to_rgb8", "write_geotiff_mask", "have_rasterio"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -46,7 +47,7 @@ _GLOB_CHARS = "*?["
 _MAX_STRETCH_SAMPLES = 1_000_000
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A problem with the command line or a file it names as a whole (exit status 2)."""
 
 
@@ -160,6 +161,7 @@ class TextTable:
 
     def __init__(self, table: Dict[str, List[str]], base_dir: str):
         self.table = table
+        self.base_dir = base_dir
         self.by_path: Dict[str, str] = {}
         self.by_name: Dict[str, List[str]] = {}
         for key in table:
@@ -185,6 +187,18 @@ class TextTable:
 
     def unused(self) -> List[str]:
         return [k for k in self.table if k not in self.used]
+
+    def images(self) -> List[str]:
+        """The image of every key, in the file's order: the key as a path (absolute, or relative to the texts
+        file's folder, else to the current directory). A key naming no file keeps the first candidate, whose
+        reading then fails and is reported with the others."""
+        out = []
+        for key in self.table:
+            expanded = os.path.expanduser(key)
+            candidates = [expanded] if os.path.isabs(expanded) else [os.path.join(self.base_dir, expanded), expanded]
+            out.append(next((c for c in candidates if os.path.isfile(c)), candidates[0]))
+            self.used.add(key)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -288,12 +302,44 @@ def _read_pillow(path: str) -> Tuple[np.ndarray, int]:
     return (array[..., None] if array.ndim == 2 else array), depth
 
 
+def whole_image_pixel_limit() -> int:
+    """The most pixels an image read whole may have: PIL's decompression-bomb guard (``MAX_IMAGE_PIXELS``, 89.5
+    million by default), for every format. Larger scenes go through scene mode, which reads windows."""
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_whole_image_size(path: str, with_rasterio: bool) -> None:
+    """Refuse, from the file's header and before any pixel is decoded, an image over
+    :func:`whole_image_pixel_limit` (a few bytes can declare 30000 x 30000 px)."""
+    from PIL import Image
+
+    try:
+        if with_rasterio:
+            import rasterio
+
+            with rasterio.open(path) as src:
+                width, height = src.width, src.height
+        else:
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as exc:  # over twice the guard: PIL refuses to open it at all
+        raise ImageInputError(f"{path}: {str(exc).rstrip('.')}; use --scene (tiles at native resolution)") from None
+    except Exception:  # not readable at all: the reader that follows names the file and the problem
+        return
+    if width * height > whole_image_pixel_limit():
+        raise ImageInputError(f"{path}: {width} x {height} px is over the {whole_image_pixel_limit():,} pixels that "
+                              "a whole-image prediction reads into memory; use --scene (tiles at native resolution)")
+
+
 def read_image(path: str, bands: Optional[Sequence[int]] = None,
                stretch: Tuple[float, float] = (2.0, 98.0)) -> LoadedImage:
     """Read an image file as uint8 RGB (see the module docstring for bands and the stretch)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     tiff = path.lower().endswith((".tif", ".tiff"))
+    check_whole_image_size(path, tiff and have_rasterio())
     georef, nodata = None, None
     if tiff and have_rasterio():
         array, georef, nodata = _read_rasterio(path)

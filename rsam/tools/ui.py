@@ -18,7 +18,10 @@ image with each mask drawn in its own colour (Fill or Outline; optionally beside
 of expression / colour / predicted IoU / object score / no-target flag / mask area, and one mask PNG per
 expression (0 / 255, at the image's size) to download. What a request may cost is bounded (:class:`Limits`):
 upload size (refused by the server), pixels, expressions per request and characters per expression; every
-refusal is a message in the page, never a traceback.
+refusal (a limit, a file that is not an image) is one message in the page and one line in the server's log,
+never a traceback. An expression whose mask came out empty says so ("empty mask") in the table and the caption.
+Uploads, Gradio's copies and mask PNGs live in one private temporary folder, removed when the server stops
+(Ctrl-C, SIGTERM) or the process exits.
 
 Offline and private by default: Gradio analytics and version checks are off, all assets are served by the
 local server (no CDN, system fonts), the server listens on 127.0.0.1, and no public share link is created
@@ -28,10 +31,13 @@ missing checkpoint, unavailable device, Gradio not installed, port in use).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from typing import Any, Optional, Sequence
 
+from rsam.cli import run_command
 from rsam.tools.ui_app import (  # noqa: F401  (re-exported: the handler and the app live in ui_app)
     Limits,
     Segmenter,
@@ -40,6 +46,7 @@ from rsam.tools.ui_app import (  # noqa: F401  (re-exported: the handler and the
     UsageError,
     _model_line,
     build_app,
+    close,
     find_examples,
     launch,
     scores_html,
@@ -67,44 +74,14 @@ def _device(text: Optional[str]):
         raise _Usage(str(exc)) from None
 
 
-def _is_pretrained_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    try:
-        from rsam.pretrained import looks_like_repo_id
-    except ImportError:
-        return False
-    return bool(looks_like_repo_id(text))
-
-
-def _check_source(checkpoint: str, config: Optional[str]) -> None:
-    """Cheap checks of --checkpoint / --config before anything heavy is imported or loaded."""
+def load_predictor(checkpoint: str, config: Optional[str] = None, device: Any = None):
+    """The predictor of anything ``--checkpoint`` takes (:func:`rsam.checkpoint.read_checkpoint` decides what it
+    is: a checkpoint file, with ``config`` for an official one, a pretrained directory or a Hub repo id)."""
     from rsam.predictor import RSAMPredictor
 
-    path = os.path.expanduser(checkpoint)
-    if os.path.exists(path):
-        if os.path.isdir(path) and _is_pretrained_dir(path) and config is not None:
-            raise _Usage("--config applies to checkpoint files; a pretrained directory holds its config.json")
-    elif not (hasattr(RSAMPredictor, "from_pretrained") and config is None and _looks_like_repo_id(checkpoint)):
-        raise _Usage(f"--checkpoint {checkpoint}: no such file or directory")
     if config is not None and not os.path.isfile(os.path.expanduser(config)):
         raise _Usage(f"--config {config}: no such file")
-
-
-def load_predictor(checkpoint: str, config: Optional[str] = None, device: Any = None):
-    """The predictor of a checkpoint file (``RSAMPredictor.from_checkpoint``), a pretrained directory
-    (``config.json`` + ``model.safetensors``) or a Hub repo id (both through ``RSAMPredictor.from_pretrained``,
-    where this RSAM has it). Usage problems raise ``_Usage`` before anything is loaded."""
-    from rsam.predictor import RSAMPredictor
-
-    _check_source(checkpoint, config)
-    path = os.path.expanduser(checkpoint)
-    pretrained = getattr(RSAMPredictor, "from_pretrained", None)
-    if pretrained is not None and (not os.path.exists(path) or (os.path.isdir(path) and _is_pretrained_dir(path))):
-        return pretrained(path if os.path.exists(path) else checkpoint, device=device)
-    return RSAMPredictor.from_checkpoint(path, config=config, device=device)
+    return RSAMPredictor.load(os.path.expanduser(checkpoint), config=config, device=device)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -126,9 +103,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(text).split()) or type(exc).__name__
+def _log_to_stderr() -> None:
+    """One line per refused or failed request on stderr (rsam/tools/ui_app.py logs them to "rsam.ui")."""
+    log = logging.getLogger("rsam.ui")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s rsam-ui: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM stops the server the way Ctrl-C does, so that its files are removed (see :func:`close`)."""
+    raise KeyboardInterrupt
 
 
 def _run(argv: Optional[Sequence[str]]) -> int:
@@ -140,21 +128,15 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     limits = Limits(args.max_file_mb, int(args.max_megapixels * 1e6), args.max_expressions, args.max_chars)
     examples = find_examples(args.examples)
     device = _device(args.device)
-    _check_source(args.checkpoint, args.config)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401  (before the model loads: a missing extra is a usage error)
     except ImportError:
         raise _Usage(UI_HINT) from None
-    try:
-        predictor = load_predictor(args.checkpoint, args.config, device)
-    except _Usage:
-        raise
-    except Exception as exc:  # unreadable checkpoint, config mismatch, ...: one line, not a traceback
-        if os.environ.get("RSAM_DEBUG"):
-            raise
-        raise _Usage(f"cannot load {args.checkpoint}: {_one_line(exc)} (set RSAM_DEBUG=1 for the traceback)") from None
+    predictor = load_predictor(args.checkpoint, args.config, device)
+    _log_to_stderr()
     app = build_app(predictor, examples, limits)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     print(f"rsam-ui: {args.checkpoint} loaded ({_model_line(predictor)}); http://{args.host}:{args.port}",
           file=sys.stderr)
     try:
@@ -165,21 +147,14 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        app.close()
+        close(app)
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``rsam-ui``): 0 after the server stops, 2 on a usage error."""
-    try:
-        return _run(argv)
-    except _Usage as exc:
-        print(f"rsam-ui: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its message already printed)
-        return exc.code if isinstance(exc.code, int) else 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("rsam-ui", lambda: _run(argv))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 (:func:`build_app`, :func:`launch`). The command line is :mod:`rsam.tools.ui` (``rsam-ui``), which documents
 what the page does.
 
-Only :func:`build_app`, :func:`launch` and :meth:`Segmenter.__call__` import Gradio; :meth:`Segmenter.run`
-(one request -> overlay, table rows, mask PNGs, or a :class:`UIError`) needs numpy, Pillow and the predictor.
+Only :func:`build_app` and :func:`launch` import Gradio; :meth:`Segmenter.run` (one request -> overlay, table
+rows, mask PNGs, or a :class:`UIError`) and :meth:`Segmenter.__call__` (the page's callback: a refusal becomes a
+message in the page and one log line) need numpy, Pillow and the predictor.
+
+Files: every upload, Gradio copy and mask PNG of a server lives in one private folder (``app.rsam_upload_dir``,
+Gradio's ``GRADIO_TEMP_DIR``), removed by :func:`close` and, failing that, when the process exits.
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Limits", "UIError", "UsageError", "Segmenter", "SegmentResult", "scores_html", "find_examples",
-           "build_app", "launch"]
+from rsam.errors import UserError
+from rsam.tools.output_names import slug
+
+__all__ = ["Limits", "UIError", "UsageError", "Segmenter", "SegmentResult", "scores_html", "message_html",
+           "find_examples", "build_app", "launch", "close"]
 
 LOG = logging.getLogger("rsam.ui")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -29,13 +36,15 @@ MAX_EXAMPLES = 48
 KEEP_REQUESTS = 16  # request folders of mask PNGs kept on disk (older ones are deleted)
 STYLE_CHOICES = ("Outline", "Fill")
 TABLE_ID = "rsam-scores"
+MESSAGE_ID = "rsam-message"
+NOT_AN_IMAGE = "this file is not an image we can read"
 
 
 class UIError(ValueError):
     """A request the demo refuses; the message is shown in the page as it is."""
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A command-line usage error (bad --examples folder, ...): one line on stderr, exit status 2."""
 
 
@@ -61,21 +70,38 @@ class Limits:
 # ------------------------------------------------------------------------------------------------ requests
 
 
-def _image_size(image: Any) -> Tuple[int, int]:
-    """(W, H) of an image without decoding its pixels where it is a file (only the header is read)."""
+def _unreadable(name: str, exc: BaseException, path: str) -> UIError:
+    """The page's message for a file that is not a usable image: its upload name and the reason, without the
+    server's temporary path (PIL and the predictor name the file they opened)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "not a picture format we know (PNG, JPEG, TIFF, BMP, WebP)"
+    else:
+        reason = str(exc).replace(path, name).strip() or type(exc).__name__
+        folder = os.path.dirname(path)
+        reason = reason.replace(folder + os.sep, "") if folder else reason
+        reason = reason.replace(f"{name}: ", "", 1)
+    return UIError(f"{NOT_AN_IMAGE}: {name} ({reason})")
+
+
+def _image_size(image: Any, name: str = "") -> Tuple[int, int]:
+    """(W, H) of an image without decoding its pixels where it is a file (only the header is read);
+    ``name``: how the page calls the file (its upload name)."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
+        name = name or os.path.basename(path)
         if not os.path.isfile(path):
-            raise UIError(f"image not found: {os.path.basename(path)}")
+            raise UIError(f"image not found: {name}")
         try:
             with Image.open(path) as im:
                 return int(im.size[0]), int(im.size[1])
         except Image.DecompressionBombError:
-            raise UIError("the image has far too many pixels to be opened") from None
+            raise UIError(f"{name}: the image has far too many pixels to be opened") from None
         except Exception as exc:  # unreadable or not an image: PIL's own error types vary
-            raise UIError(f"cannot read the image ({type(exc).__name__}: {exc})") from None
+            raise _unreadable(name, exc, path) from None
     if isinstance(image, Image.Image):
         return int(image.size[0]), int(image.size[1])
     shape = getattr(image, "shape", None)
@@ -127,10 +153,35 @@ def _slug(text: str, limit: int = 40) -> str:
     return out[:limit].rstrip("-") or "expression"
 
 
+def _outcome(no_target: bool, area_px: int) -> str:
+    """What a prediction found, in words: a table cell and a caption line say it the same way."""
+    if no_target:
+        return "no target"
+    return "empty mask" if area_px == 0 else "found"
+
+
+def _detail(p, area_px: int) -> str:
+    """The overlay caption's second line of one prediction."""
+    scores = f"object score {p.object_score:+.2f}"
+    if p.no_target:
+        return f"no target ({scores})"
+    if area_px == 0:
+        return f"empty mask: no pixel above the mask threshold ({scores}, predicted IoU {p.iou_pred:.2f})"
+    return f"predicted IoU {p.iou_pred:.2f} | {scores}"
+
+
+def message_html(text: str) -> str:
+    """A refusal or a problem, as one readable box in the page (the text escaped); "" for none."""
+    if not text:
+        return ""
+    return (f'<div class="rsam-message" role="alert" style="padding:0.6em 0.9em;border-radius:6px;'
+            f'border:1px solid #d97706;background:#fff7ed;color:#7c2d12">{html.escape(text)}</div>')
+
+
 def scores_html(rows: Sequence[dict]) -> str:
     """The scores table of one request as HTML (every expression text escaped)."""
     head = ("<tr><th>#</th><th>colour</th><th>expression</th><th>predicted IoU</th><th>object score</th>"
-            "<th>no target</th><th>mask area (px)</th></tr>")
+            "<th>result</th><th>mask area (px)</th></tr>")
     body = []
     for r in rows:
         swatch = (f'<span style="display:inline-block;width:1.1em;height:1.1em;vertical-align:middle;'
@@ -139,8 +190,8 @@ def scores_html(rows: Sequence[dict]) -> str:
             f'<tr><td>{r["index"]}</td><td class="color">{swatch}</td>'
             f'<td class="expression">{html.escape(r["expression"])}</td>'
             f'<td class="iou">{r["iou_pred"]:.3f}</td><td class="object-score">{r["object_score"]:+.3f}</td>'
-            f'<td class="no-target">{"yes" if r["no_target"] else "no"}</td><td class="area">{r["area_px"]}</td>'
-            "</tr>")
+            f'<td class="result">{_outcome(r["no_target"], r["area_px"])}</td>'
+            f'<td class="area">{r["area_px"]}</td></tr>')
     return (f'<table id="{TABLE_ID}-table" class="rsam-scores" style="width:100%;border-collapse:collapse">'
             f"<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
 
@@ -148,7 +199,8 @@ def scores_html(rows: Sequence[dict]) -> str:
 @dataclass
 class SegmentResult:
     overlay: Any          # PIL.Image: the masks over the image with the caption panel
-    rows: List[dict]      # one per expression: index, expression, color, iou_pred, object_score, no_target, area_px
+    rows: List[dict]      # one per expression: index, expression, color, iou_pred, object_score, no_target,
+    #                       area_px, result ("found", "empty mask" or "no target")
     files: List[str]      # the mask PNGs, in expression order
 
 
@@ -203,44 +255,50 @@ class Segmenter:
             shutil.rmtree(self._requests.pop(0), ignore_errors=True)
         return path
 
-    def run(self, image: Any, text: Optional[str], style: str = "Outline", side_by_side: bool = False
-            ) -> SegmentResult:
+    def run(self, image: Any, text: Optional[str], style: str = "Outline", side_by_side: bool = False,
+            name: str = "") -> SegmentResult:
         """One request: image (path, PIL image or array) + expressions (one per line) -> :class:`SegmentResult`.
-        Raises :class:`UIError` with a message for the page."""
+        ``name``: the file's name as the user knows it (messages never show the server's paths). Raises
+        :class:`UIError` with a message for the page."""
         from rsam.data.images import ImageInputError
-        from rsam.visualization import PALETTE, Caption, draw_masks, mask_to_png
+        from rsam.visualization import Caption, draw_masks, mask_colors, mask_to_png
 
         if image is None:
             raise UIError("upload an image or pick an example first")
+        path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else ""
+        name = name or os.path.basename(path) or "the image"
         texts = _parse_texts(text, self.limits)
-        w, h = _image_size(image)
+        w, h = _image_size(image, name)
         if w * h > self.limits.max_pixels:
             raise UIError(f"the image is {w} x {h} = {w * h / 1e6:.1f} megapixels: at most "
                           f"{self.limits.max_pixels / 1e6:g} megapixels")
         with self._lock:
             try:
                 self.predictor.check_texts(texts)  # too many tokens etc.: before the image encoder runs
+            except (ValueError, TypeError) as exc:
+                raise UIError(str(exc).replace("RSAMPredictor.predict: ", "")) from None
+            try:
                 self._set_image(image)
+            except (ImageInputError, OSError) as exc:  # a truncated file is an OSError
+                raise _unreadable(name, exc, path) from None
+            try:
                 preds = self.predictor.predict(texts)
-            except (ImageInputError, FileNotFoundError) as exc:
-                raise UIError(str(exc)) from None
             except (ValueError, TypeError) as exc:
                 raise UIError(str(exc).replace("RSAMPredictor.predict: ", "")) from None
             rgb = self.predictor.image
             out = self._request_dir()
             masks = [p.mask.cpu().numpy().astype(bool) for p in preds]
+            colors = mask_colors(rgb, masks)  # each stands out on what its mask covers (a red ship gets no red)
             captions, rows, files = [], [], []
-            for k, (p, m) in enumerate(zip(preds, masks)):
-                color = PALETTE[k % len(PALETTE)]
-                detail = (f"no target (object score {p.object_score:+.2f})" if p.no_target
-                          else f"predicted IoU {p.iou_pred:.2f} | object score {p.object_score:+.2f}")
-                captions.append(Caption(p.text, color, detail))
+            for k, (p, m, color) in enumerate(zip(preds, masks, colors)):
+                area = int(m.sum())
+                captions.append(Caption(p.text, color, _detail(p, area)))
                 rows.append({"index": k + 1, "expression": p.text, "color": _hex(color), "iou_pred": p.iou_pred,
-                             "object_score": p.object_score, "no_target": bool(p.no_target),
-                             "area_px": int(m.sum())})
-                path = os.path.join(out, f"mask_{k + 1:02d}_{_slug(p.text)}.png")
-                mask_to_png(m).save(path)
-                files.append(path)
+                             "object_score": p.object_score, "no_target": bool(p.no_target), "area_px": area,
+                             "result": _outcome(bool(p.no_target), area)})
+                mask_path = os.path.join(out, f"mask_{k + 1:02d}_{_slug(p.text)}.png")
+                mask_to_png(m).save(mask_path)
+                files.append(mask_path)
             kwargs = {"side_by_side": True} if side_by_side and self.side_by_side_available() else {}
             if "Outline" in self.styles():
                 kwargs["style"] = "outline" if str(style).lower() == "outline" else "fill"
@@ -248,17 +306,27 @@ class Segmenter:
         return SegmentResult(overlay, rows, files)
 
     def __call__(self, image: Any, text: Optional[str], style: str = "Outline", side_by_side: bool = False):
-        """The Gradio callback: -> (overlay image, scores table HTML, mask PNG paths); refusals as ``gr.Error``."""
-        import gradio as gr
+        """The page's callback -> (overlay image, scores table HTML, mask PNG paths, message HTML).
 
+        ``image``: Gradio's file payload (a dict with ``path`` and ``orig_name``: the app passes inputs
+        unprocessed, so that a file Pillow cannot open reaches :meth:`run` instead of failing inside Gradio with
+        its temporary path), a path, an array or None. A refusal clears the outputs, shows its message and logs
+        one line; so does a failure of the handler itself (its traceback only with ``RSAM_DEBUG=1``).
+        """
+        name = ""
+        if isinstance(image, dict):
+            name = os.path.basename(str(image.get("orig_name") or ""))
+            image = image.get("path")
         try:
-            result = self.run(image, text, style, side_by_side)
+            result = self.run(image, text, style, side_by_side, name)
         except UIError as exc:
-            raise gr.Error(str(exc)) from None
+            LOG.warning("refused request: %s", exc)
+            return None, "", None, message_html(str(exc))
         except Exception as exc:  # a bug must not take the server down or show a traceback in the page
-            LOG.exception("rsam-ui: request failed")
-            raise gr.Error(f"segmentation failed ({type(exc).__name__}: {exc})") from None
-        return result.overlay, scores_html(result.rows), result.files
+            LOG.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=bool(os.environ.get("RSAM_DEBUG")))
+            return None, "", None, message_html(f"segmentation failed ({type(exc).__name__}); the server log "
+                                                "has the details")
+        return result.overlay, scores_html(result.rows), result.files, ""
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -292,18 +360,33 @@ def _model_line(predictor) -> str:
     return f"network input {size} x {size} px, device {predictor.device}"
 
 
+def _private_upload_dir() -> str:
+    """A new folder for this server's uploads and Gradio's copies, made Gradio's ``GRADIO_TEMP_DIR`` (read when
+    the page's components and the server are created) and removed when the process exits, even if
+    :func:`close` is never reached. Inside a ``GRADIO_TEMP_DIR`` the user chose, if any."""
+    parent = os.environ.get("GRADIO_TEMP_DIR") or None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="rsam-ui-files-", dir=parent)
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def build_app(predictor, examples: Sequence[Any] = (), limits: Limits = Limits(), title: str = "RSAM",
               out_dir: Optional[str] = None):
     """The Gradio Blocks of the demo around a loaded ``predictor``.
 
     ``examples``: image paths, or (path, expressions) pairs (see :func:`find_examples`). Start it with
-    :func:`launch` (it applies the upload limit and the offline / local defaults). The handler is
-    ``app.rsam_segmenter`` (a :class:`Segmenter`).
+    :func:`launch` (it applies the upload limit and the offline / local defaults), stop it with :func:`close`.
+    The handler is ``app.rsam_segmenter`` (a :class:`Segmenter`); uploads and Gradio's copies go to
+    ``app.rsam_upload_dir`` (mask PNGs too, unless ``out_dir`` is given).
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    segmenter = Segmenter(predictor, limits, out_dir)
+    upload_dir = _private_upload_dir()
+    segmenter = Segmenter(predictor, limits, out_dir or os.path.join(upload_dir, "masks"))
     pairs = [(str(e), "") if isinstance(e, (str, os.PathLike)) else (str(e[0]), str(e[1] or "")) for e in examples]
     styles = segmenter.styles()
     with gr.Blocks(title=f"{title} web demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
@@ -325,14 +408,18 @@ def build_app(predictor, examples: Sequence[Any] = (), limits: Limits = Limits()
                     gr.Examples(examples=[[p, t] for p, t in pairs], inputs=[image, texts], label="Examples",
                                 examples_per_page=12, cache_examples=False, elem_id="rsam-examples")
             with gr.Column():
+                message = gr.HTML(elem_id=MESSAGE_ID)
                 overlay = gr.Image(label="Masks", type="pil", format="png", interactive=False,
                                    elem_id="rsam-overlay")
                 table = gr.HTML(elem_id=TABLE_ID)
                 files = gr.File(label="Mask PNGs (0 / 255, at the image's size)", file_count="multiple",
                                 interactive=False, elem_id="rsam-files")
-        button.click(segmenter, inputs=[image, texts, style, side], outputs=[overlay, table, files],
-                     concurrency_limit=1, api_name="segment")
+        # Inputs unprocessed: Gradio would open the upload with PIL itself and show its own error, temporary
+        # path included, for a file that is not an image (Segmenter.__call__ says it in the page instead).
+        button.click(segmenter, inputs=[image, texts, style, side], outputs=[overlay, table, files, message],
+                     concurrency_limit=1, api_name="segment", preprocess=False)
     app.rsam_segmenter = segmenter
+    app.rsam_upload_dir = upload_dir
     app.rsam_limits = limits
     app.rsam_allowed_paths = sorted({os.path.dirname(p) for p, _ in pairs})
     return app
@@ -347,3 +434,13 @@ def launch(app, host: str = "127.0.0.1", port: Optional[int] = 7860, share: bool
                       prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,
                       max_file_size=limits.max_file_bytes, allowed_paths=list(getattr(app, "rsam_allowed_paths", [])),
                       ssr_mode=False, mcp_server=False, pwa=False)
+
+
+def close(app) -> None:
+    """Stop the server of :func:`launch` and remove its files (uploads, Gradio's copies, mask PNGs)."""
+    try:
+        app.close()
+    finally:
+        folder = getattr(app, "rsam_upload_dir", None)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -123,13 +123,12 @@ def _class_name(target: str) -> str:
 
 
 def _accepted_args(target: str) -> Optional[set]:
-    from hydra.utils import get_method
+    from rsam.checkpoint.stored_config import MODEL_TARGETS, stored_builder
 
-    try:
-        fn = get_method(target)
-    except Exception as exc:  # hydra wraps import errors in its own types
-        raise ValueError(f"config: cannot import _target_ {target!r} ({exc})") from None
-    params = inspect.signature(fn).parameters
+    # the golden file is data like any checkpoint: only RSAM's own model parts may be named
+    if target not in MODEL_TARGETS:
+        raise ValueError(f"config: _target_ {target!r} is not one of RSAM's model parts")
+    params = inspect.signature(stored_builder(target)).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None  # accepts anything
     return set(params)
@@ -253,12 +252,11 @@ def official_to_model_node(config: Dict[str, Any], notes: Optional[List[str]] = 
 
 def build_reference_model(golden: Dict[str, Any], notes: Optional[List[str]] = None) -> torch.nn.Module:
     """Our model built from ``golden['config']`` and filled with ``golden['state_dict']``, float32, eval mode."""
-    from hydra.utils import instantiate
-
-    from rsam.checkpoint import load_weights
+    from rsam.checkpoint import build_stored, load_weights
+    from rsam.checkpoint.stored_config import MODEL_TARGETS
 
     node = official_to_model_node(golden["config"], notes)
-    model = instantiate(node, _convert_="all")
+    model = build_stored(node, "the golden file", "config", allowed=MODEL_TARGETS)
     report = load_weights(model, golden["state_dict"], strict=True)
     if notes is not None:
         notes.append(f"state_dict: {report}")

@@ -23,7 +23,7 @@ from iopath.common.file_io import PathManager
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, drop_zero_area, raise_error
-from rsam.data.rle import RLEError, decode_rles, rle_counts
+from rsam.data.rle import RLEError, decode_rles, rle_area
 
 __all__ = ["JsonlReader", "MANIFEST"]
 
@@ -102,13 +102,12 @@ class JsonlReader(Reader):
             if mask is None:
                 area, seg = 0.0, None
             else:
-                counts = mask["counts"].encode("ascii", "replace")
                 try:
-                    area = float(sum(rle_counts(counts)[1::2]))
+                    area = float(rle_area(mask))
                 except ValueError as e:
-                    on_bad_record(DataError(self.where, f"line {number}.mask.counts: {e}", "field"))
+                    on_bad_record(DataError(self.where, f"line {number}.mask: {e}", "field"))
                     continue
-                seg = {"size": list(mask["size"]), "counts": counts, "line": number}
+                seg = {"size": list(mask["size"]), "counts": mask["counts"].encode("ascii"), "line": number}
             source = obj.get("source") or {}
             ann = Annotation(index, obj["text"].strip(), obj.get("category"), area, seg, no_target=mask is None,
                              source_id=f"{source.get('dataset', '')}:{source.get('id', number)}")

@@ -25,11 +25,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from iopath.common.file_io import PathManager
-from pycocotools import mask as mask_utils
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, drop_zero_area, raise_error
-from rsam.data.rle import RLEError, decode_rles
+from rsam.data.rle import RLEError, check_rle, check_size, compress_counts, decode_rles, polygons_to_rle, rle_area
 from rsam.data.safe_pickle import load_plain_pickle_cached
 
 __all__ = ["ReferReader"]
@@ -37,24 +36,28 @@ __all__ = ["ReferReader"]
 _REF_KEYS = ("ann_id", "image_id", "category_id", "split", "sentences")
 
 
-def _rles(segmentation, h: int, w: int) -> List[dict]:
-    """Any COCO segmentation -> RLE dicts with bytes counts (pycocotools input). Raises ValueError."""
+def _rles(segmentation, h: int, w: int) -> Tuple[List[dict], float]:
+    """Any COCO segmentation of an h x w image -> (checked RLE dicts with bytes counts, their summed area).
+    Raises ValueError saying what is wrong (rsam/data/rle.py checks everything before pycocotools reads it)."""
     if isinstance(segmentation, dict):
         segmentation = [segmentation]
     if not isinstance(segmentation, list) or not segmentation:
         raise ValueError("segmentation must be a non-empty list or an RLE object")
     if all(isinstance(p, list) for p in segmentation):  # polygons
-        return [mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))]
-    out = []
+        rle = polygons_to_rle(segmentation, *check_size([h, w]))
+        return [rle], float(rle_area(rle))
+    out, area = [], 0
     for rle in segmentation:
         if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
             raise ValueError("an RLE needs 'size' and 'counts'")
-        if isinstance(rle["counts"], list):  # uncompressed
-            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        rh, rw = check_size(rle["size"])
         counts = rle["counts"]
-        out.append({"size": [int(v) for v in rle["size"]],
-                    "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
-    return out
+        if isinstance(counts, list):  # uncompressed
+            rle = compress_counts(counts, rh, rw)
+            counts = rle["counts"]
+        area += check_rle(counts, rh, rw)
+        out.append({"size": [rh, rw], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    return out, float(area)
 
 
 class ReferReader(Reader):
@@ -216,17 +219,18 @@ class ReferReader(Reader):
         out, complete = [], True
         for index, (text, category, ids, source) in enumerate(self._expressions[name]):
             try:
-                rles = []
+                rles, area = [], 0.0
                 for a in ids:
                     try:
-                        rles += _rles(self._segmentations[a].get("segmentation"), h, w)
+                        found, found_area = _rles(self._segmentations[a].get("segmentation"), h, w)
                     except Exception as e:  # pycocotools raises bare Exceptions
                         raise DataError(self.instances_file, f"annotation {a}.segmentation: {e}", "field") from None
+                    rles += found
+                    area += found_area
             except DataError as e:
                 complete = False
                 on_bad_record(e)
                 continue
-            area = float(sum(mask_utils.area(rles)))
             out.append(Annotation(index, text, category, area, {"rles": rles, "image": name}, source_id=source))
         if complete:  # a bad record must reach on_bad_record every time the image is read
             self._parsed[name] = out

@@ -21,7 +21,7 @@ from iopath.common.file_io import PathManager, g_pathmgr
 
 from rsam.data.errors import DataError
 from rsam.data.readers.base import Annotation, Reader, drop_zero_area, raise_error
-from rsam.data.rle import RLEError, decode_rles
+from rsam.data.rle import RLEError, check_rle, check_size, decode_rles
 
 __all__ = ["SPLITS", "RISORSReader"]
 
@@ -46,14 +46,17 @@ def _parse_record(rec, index: int, path: str) -> Annotation:
     seg = rec["segmentation"]
     if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
         raise DataError(path, f"{where}.segmentation must be a COCO RLE object with 'size' and 'counts'", "field")
-    size = seg["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise DataError(path, f"{where}.segmentation.size must be [h, w] positive integers, got {size!r}", "field")
+    try:
+        size = check_size(seg["size"])
+    except ValueError as e:
+        raise DataError(path, f"{where}.segmentation.{e}", "field") from None
     counts = seg["counts"]
+    try:  # here, not when the mask is decoded: one bad record is reported and skipped, the others are kept
+        check_rle(counts, *size)
+    except ValueError as e:
+        raise DataError(path, f"{where}.segmentation.counts: {e}", "field") from None
     if isinstance(counts, str):
-        counts = counts.encode("utf-8")
-    elif not isinstance(counts, (bytes, list)):
-        raise DataError(path, f"{where}.segmentation.counts must be a string, bytes or a list", "field")
+        counts = counts.encode("ascii")
     area = rec["area"]
     if isinstance(area, bool) or not isinstance(area, (int, float)):
         raise DataError(path, f"{where}.area must be a number, got {area!r}", "field")

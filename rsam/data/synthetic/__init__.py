@@ -23,7 +23,12 @@ for a tiny text encoder. Formats (paths relative to ``--out``):
     jsonl     our custom-data format: ``images/<name>.jpg`` and ``manifest.jsonl``, one JSON object per expression
               (image, height, width, split, text, RLE mask or null, category, source).
 
-No-target records exist only in risors (empty mask, area 0) and jsonl (mask null); the other formats skip them.
+No-target records (``--neg-ratio``) are written in the form each format's reader keeps: jsonl ``mask: null``
+(always kept, flagged no-target); refsegrs and risbench an all-zero mask file (always kept; its empty ground
+truth trains "no target"); risors an empty RLE with ``area`` 0 and rrsisd a ref to an empty annotation, which
+their readers drop by the official ``area <= 0`` rule unless the dataset keeps them
+(``data.<split>.dataset.empty_annotations: negative``; on the command line ``+data.train.dataset.
+empty_annotations=negative``, a key the configs do not set; see ``rsam.data.dataset.ReferringDataset``).
 
 Scenes: textured ground with field patches and roads; 3-6 non-overlapping objects (storage tanks, airplanes,
 vehicles, buildings, ships) in five colours, with random sizes (a fraction of the image side), orientations and
@@ -38,8 +43,7 @@ which object is meant. Expressions come from a few templates over a small vocabu
 Every expression is checked to single out its object among *all* objects of the image, with safety margins on
 positions and sizes so that no expression is borderline; :func:`resolve` parses an expression back and evaluates
 it on the scene (used by the tests). With ``neg_ratio > 0`` each image also gets ``k ~ Poisson(neg_ratio)``
-no-target records (an absent category or colour/category pair) with an empty mask and ``area`` 0; the official
-reader skips them, ``ReferringDataset(empty_annotations="negative")`` uses them as in-image no-target expressions.
+no-target records (an absent category or colour/category pair) with an empty mask, in each format's form (above).
 
 Everything is drawn with vectorised numpy on the object's own patch; one generator per (seed, image index) makes
 the output deterministic and independent of ``num_images`` for the images they share.
@@ -212,7 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--num-images", type=int, default=600)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--neg-ratio", type=float, default=0.0, help="mean no-target records per image (area 0)")
+    p.add_argument("--neg-ratio", type=float, default=0.0,
+                   help="mean no-target records per image (risors / rrsisd: train with "
+                        "+data.train.dataset.empty_annotations=negative)")
     p.add_argument("--min-objects", type=int, default=3)
     p.add_argument("--max-objects", type=int, default=6)
     p.add_argument("--min-object-frac", type=float, default=0.15, help="smallest object extent / image side")
@@ -262,6 +268,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"wrote {len(scenes)} images ({counts}) with {n_expr} expressions as {args.format} to {args.out} "
         f"in {time.perf_counter() - start:.1f} s"
     )
+    n_neg = sum(t is None for s in scenes for t in s.targets)
+    if n_neg and args.format in ("risors", "rrsisd"):
+        print(f"{n_neg} no-target records have area 0: the {args.format} reader skips them (official rule) unless "
+              "the dataset keeps them: +data.train.dataset.empty_annotations=negative")
 
 
 if __name__ == "__main__":

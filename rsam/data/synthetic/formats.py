@@ -181,7 +181,8 @@ def _shared_pair(objects: List[SceneObject]) -> Optional[Tuple[int, int, str]]:
 
 def write_rrsisd(out_dir: str, drawn: Iterable[DrawnImage], options: FormatOptions) -> None:
     """REFER-style release: ``<name>/<prefix>refs(<split_by>).p``, ``<name>/<prefix>instances.json`` and
-    ``images/<name>/JPEGImages/<file_name>``. No-target records are skipped (REFER cannot express them)."""
+    ``images/<name>/JPEGImages/<file_name>``. A no-target record is a ref to an annotation with an empty RLE
+    (area 0): what the reader keeps as a no-target expression with ``empty_annotations: negative``."""
     name, prefix = options.refer_name, options.refer_prefix
     image_dir = os.path.join(out_dir, "images", name, "JPEGImages")
     os.makedirs(image_dir, exist_ok=True)
@@ -236,6 +237,12 @@ def write_rrsisd(out_dir: str, drawn: Iterable[DrawnImage], options: FormatOptio
                 texts_of.setdefault(target, []).append(text)
         for target in sorted(texts_of):
             add_ref(d, ann_ids[target], CATEGORIES.index(d.objects[target].category), file_name, texts_of[target])
+        for text in (text for text, target, _ in d.records if target is None):
+            category = CATEGORIES.index(negative_category(text))
+            annotations.append({"id": next_id("ann"), "image_id": d.index, "bbox": [0, 0, 0, 0], "area": 0.0,
+                                "segmentation": [encode_rle(np.zeros((h, w), dtype=bool))],
+                                "categories_id": category})
+            add_ref(d, annotations[-1]["id"], category, file_name, [text])
         pair = _shared_pair(d.objects) if shared_left > 0 else None
         if pair is not None:
             # A multi-object expression (NWPU-Refer style): one ref per object, the same text, distinct sent_ids.
@@ -259,7 +266,8 @@ def write_rrsisd(out_dir: str, drawn: Iterable[DrawnImage], options: FormatOptio
 def _write_expression_pairs(out_dir: str, drawn: Iterable[DrawnImage], image_dir: str, mask_dir: str, ext: str,
                             key_has_ext: bool, mask_channels: int) -> None:
     """One image copy and one 0/255 mask per expression, named by a running id; ``output_phrase_<split>.txt``
-    lines are ``<id or file name> <expression>``. No-target records are skipped."""
+    lines are ``<id or file name> <expression>``. A no-target record gets an all-zero mask: the reader keeps it,
+    and training learns "no target" from its empty ground truth (rsam/losses.py: object target = mask.any())."""
     for sub in (image_dir, mask_dir):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     lines: Dict[str, List[str]] = {s: [] for s in SPLITS}
@@ -267,11 +275,10 @@ def _write_expression_pairs(out_dir: str, drawn: Iterable[DrawnImage], image_dir
     for d in drawn:
         picture = Image.fromarray(d.image)
         for text, target, _ in d.records:
-            if target is None:
-                continue
             stem = f"{count:05d}"
             count += 1
-            mask = d.masks[target].astype(np.uint8) * 255
+            target_mask = d.masks[target] if target is not None else np.zeros(d.image.shape[:2], dtype=bool)
+            mask = target_mask.astype(np.uint8) * 255
             if mask_channels == 3:
                 mask = np.repeat(mask[..., None], 3, axis=2)
             picture.save(os.path.join(out_dir, image_dir, stem + ext))

@@ -113,16 +113,18 @@ class MultiScaleAttention(nn.Module):
         self.proj = nn.Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
-        # (B, HW, 3, heads, head_dim) -> three (B, HW, heads, head_dim)
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).unbind(2)
+        """x: (B, H, W, dim) -> (B, H', W', dim_out)."""
+        # the qkv output's last axis is laid out (q|k|v, head, head_dim): split it, keep the pixel grid
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)  # each (B, H, W, heads, hd)
         if self.q_pool is not None:
-            q = pool_channels_last(q.reshape(b, h, w, -1), self.q_pool)
-            h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.num_heads, -1)
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x.transpose(1, 2).reshape(b, h, w, -1)
-        return self.proj(x)
+            q = pool_channels_last(q.flatten(-2), self.q_pool).unflatten(-1, (self.num_heads, -1))
+        out_grid = q.shape[:3]  # (B, H', W')
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, heads, hd) -> (B, heads, HW, hd)
+            return t.flatten(1, 2).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v))
+        return self.proj(attended.transpose(1, 2).reshape(*out_grid, -1))
 
 
 class MultiScaleBlock(nn.Module):
@@ -277,10 +279,10 @@ class Hiera(nn.Module):
             )
         x = self.patch_embed(x)
         x = x + self._pos_embed(tuple(x.shape[1:3]))
-        outputs = []
-        last = self.stage_ends[-1]
+        returned = self.stage_ends if self.return_interm_layers else self.stage_ends[-1:]
+        maps = []
         for i, block in enumerate(self.blocks):
             x = run_block(block, x, enabled=self.activation_checkpointing)
-            if i == last or (self.return_interm_layers and i in self.stage_ends):
-                outputs.append(x.permute(0, 3, 1, 2))
-        return outputs
+            if i in returned:
+                maps.append(x.permute(0, 3, 1, 2))  # channels-last inside the trunk, NCHW for the neck
+        return maps

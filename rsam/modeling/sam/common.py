@@ -46,10 +46,12 @@ class MLP(nn.Module):
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of an NCHW map (ConvNeXt / detectron2 convention, eps 1e-6).
+    """Layer normalisation of every pixel's channel vector in an NCHW map, with a per-channel affine (eps 1e-6).
 
-    Written out instead of permuting to channels-last for ``nn.LayerNorm``: it keeps the map NCHW between
-    the transposed convolutions of the decoder's upscaling path.
+    Each of the H x W positions is standardised over its C channels with the biased variance, then scaled by
+    ``weight`` and shifted by ``bias`` (parameter names and shapes (C,) are checkpoint keys). It works on NCHW
+    directly, so the decoder's upscaling path (rsam/modeling/sam/mask_decoder.py) never changes layout, and it
+    runs in the input's dtype.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -60,7 +62,7 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        centred = x - x.mean(dim=1, keepdim=True)
+        spread = torch.sqrt(centred.square().mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W) std
+        per_channel = (1, -1, 1, 1)
+        return (centred / spread) * self.weight.view(per_channel) + self.bias.view(per_channel)

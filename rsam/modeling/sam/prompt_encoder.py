@@ -21,6 +21,22 @@ from rsam.modeling.sam.common import LayerNorm2d
 __all__ = ["PromptEncoder"]
 
 
+def _mask_prompt_downscaler(hidden: int, out_channels: int, activation: Type[nn.Module]) -> nn.Sequential:
+    """(B, 1, 4h, 4w) mask prompt -> (B, out_channels, h, w); built for checkpoint keys only, never run by RSAM.
+
+    Two halving stages, each a 2x2 stride-2 convolution then LayerNorm2d then ``activation``, widen 1 channel to
+    ``hidden // 4`` and then to ``hidden``; a 1x1 convolution projects to ``out_channels``. The flat order gives
+    the Sequential indices of the checkpoints: convolutions 0, 3, 6, norms 1, 4 (activations hold no weights).
+    """
+    layers: list[nn.Module] = []
+    width = 1
+    for stage_width in (hidden // 4, hidden):
+        layers += [nn.Conv2d(width, stage_width, kernel_size=2, stride=2), LayerNorm2d(stage_width), activation()]
+        width = stage_width
+    layers.append(nn.Conv2d(width, out_channels, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
 class PromptEncoder(nn.Module):
     """Prompt embeddings for an image-only referring model.
 
@@ -52,15 +68,7 @@ class PromptEncoder(nn.Module):
         # official RSAM checkpoints load strictly: 4 point/box-corner embeddings and the mask-prompt downscaler.
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans // 4),
-            activation(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans),
-            activation(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        self.mask_downscaling = _mask_prompt_downscaler(mask_in_chans, embed_dim, activation)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
         self.description_pe = nn.Embedding(max_text_tokens, embed_dim)
 

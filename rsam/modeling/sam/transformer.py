@@ -102,24 +102,24 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nt, C) tokens, keys (B, HW, C) image; PEs broadcastable to them. Returns both updated."""
+        """queries (B, Nt, C) tokens, keys (B, HW, C) image; PEs broadcastable to them. Returns both updated.
+
+        Every step is post-norm: ``norm(x + sublayer(...))``. Position encodings go on what is matched (q, k),
+        never on what is read (v).
+        """
         if self.skip_first_layer_pe:
-            # The initial tokens *are* the token PE, so adding it again in layer 0 would double them.
-            queries = self.self_attn(queries, queries, queries)
+            # Layer 0's tokens *are* their PE, so it is neither added again nor kept as a residual.
+            mixed = self.self_attn(queries, queries, queries)
         else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+            placed = queries + query_pe
+            mixed = queries + self.self_attn(placed, placed, queries)
+        tokens = self.norm1(mixed)
 
-        q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
-
-        queries = self.norm3(queries + self.mlp(queries))
-
-        q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
-        return queries, keys
+        image_placed = keys + key_pe  # the image is only read from until step 4, so one sum serves steps 2 and 4
+        tokens = self.norm2(tokens + self.cross_attn_token_to_image(tokens + query_pe, image_placed, keys))
+        tokens = self.norm3(tokens + self.mlp(tokens))
+        image = self.norm4(keys + self.cross_attn_image_to_token(image_placed, tokens + query_pe, tokens))
+        return tokens, image
 
 
 class TwoWayTransformer(nn.Module):
@@ -164,13 +164,14 @@ class TwoWayTransformer(nn.Module):
         Returns:
             tokens (B, Nt, C) and image tokens (B, H*W, C).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
-        queries = point_embedding
+        def as_sequence(grid: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H*W, C)
+            return grid.flatten(2).transpose(1, 2)
+
+        image, image_pos = as_sequence(image_embedding), as_sequence(image_pe)
+        tokens = point_embedding
         for layer in self.layers:
-            queries, keys = run_block(layer, queries, keys, query_pe=point_embedding, key_pe=key_pe,
+            tokens, image = run_block(layer, tokens, image, query_pe=point_embedding, key_pe=image_pos,
                                       enabled=self.activation_checkpointing)
-        q = queries + point_embedding
-        k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
-        return queries, keys
+        # one last read of the image by the tokens; the image sequence is returned as the last layer left it
+        read = self.final_attn_token_to_image(tokens + point_embedding, image + image_pos, image)
+        return self.norm_final_attn(tokens + read), image
