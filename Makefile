@@ -28,4 +28,4 @@ ui-test: install-dev
 	$(PIP) install --no-build-isolation -e ".[ui]" selenium
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; fi
-	$(PYTHON) -m pytest -q tests/test_ui.py
+	$(PYTHON) -m pytest -q tests/test_ui.py tests/test_ui_process.py

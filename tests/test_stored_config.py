@@ -106,9 +106,10 @@ def _expected_words(source: Path) -> tuple[str, str]:
 # every entry point, as a user runs it (installed console scripts, python -c, training/train.py)
 
 
-def _entry_points(setup, source: Path, tmp_path: Path) -> dict:
+def _entry_points(setup, source: Path, tmp_path: Path, data_root: str) -> dict:
     out = tmp_path / "out"
-    config = ["-c", str(TINY_CONFIG), "scratch.resolution=64", f"scratch.vocab={setup['vocab']}"]
+    config = ["-c", str(TINY_CONFIG), "scratch.resolution=64", f"scratch.vocab={setup['vocab']}",
+              f"scratch.data_root={data_root}"]
     loader = "from_pretrained" if source.is_dir() else "from_checkpoint"
     return {
         "rsam-predict": [str(SCRIPTS / "rsam-predict"), "--checkpoint", str(source), "--image", str(setup["image"]),
@@ -125,12 +126,12 @@ def _entry_points(setup, source: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("container", ["pretrained directory", "training checkpoint"])
-def test_the_reproduction_is_refused_by_every_entry_point(setup, tmp_path, container):
+def test_the_reproduction_is_refused_by_every_entry_point(setup, tmp_path, container, data_root):
     make = _hostile_dir if container == "pretrained directory" else _hostile_checkpoint
     source, marker = make(setup, tmp_path, "torch.load")
     file, key = _expected_words(source)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for name, argv in _entry_points(setup, source, tmp_path).items():
+    for name, argv in _entry_points(setup, source, tmp_path, data_root).items():
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
         lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
         assert proc.returncode == 2, (name, proc.returncode, proc.stderr[-2000:])
